@@ -497,6 +497,9 @@ class TrainParams(_Section):
 
     epochs: int = 2
     batch_size: int = 16
+    # Images per optimizer step (gradients accumulate up to it); null = batch_size, i.e. no accumulation. Ultralytics'
+    # default nbs is 64, which leaves a small dataset only a few optimizer steps per epoch.
+    nominal_batch_size: int | None = None
     img_size: int = 640
     lr: float = 0.0005
     lr_scheduler: str = "cosine"
@@ -516,6 +519,7 @@ class TrainParams(_Section):
     _RANGES: ClassVar[dict] = {
         "epochs": (0, None, False, False),
         "batch_size": (1, None, False, False),
+        "nominal_batch_size": (1, None, False, False),
         "img_size": (32, None, False, False),
         "lr": (0.0, None, True, False),
         "momentum": (0.0, 1.0, False, True),

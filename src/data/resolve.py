@@ -196,8 +196,9 @@ def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
     else:
         model = _load_ultralytics_checkpoint(Path(resolved.path))
     model = model.float().cpu().eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    # checkpoints store weights with gradients off; DFL's fixed integral conv stays frozen, as in Ultralytics' trainer
+    for name, p in model.named_parameters():
+        p.requires_grad_(".dfl" not in name)
     return model
 
 

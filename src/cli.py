@@ -1,0 +1,123 @@
+"""`train_qat.py` command line: argument parsing, config precedence, and the stage pipeline.
+
+Stages: resolve data + model -> prepare (fuse, place quantizers) -> calibrate -> QAT epochs -> evaluate -> analyse ->
+export -> validate exports. Each stage logs where its outputs went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from src.env import prepare_environment
+from src.errors import QATError
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+DEFAULT_CONFIG = "configs/qat_config.yaml"
+DEFAULT_SAVE_DIR = "models/checkpoints/qat"
+DEFAULT_OUTPUT = "quantized_model.pt"
+DEFAULT_LOG_DIR = "logs/qat"
+DEFAULT_EXPORT_DIR = "models/exported"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_qat.py",
+        description="Quantization-aware training for Ultralytics YOLOv8 detectors: prepare, calibrate, train, "
+        "evaluate, analyse and export INT8 models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b = p.add_argument_group("basic parameters")
+    b.add_argument("--model", default=None,
+                   help="FP32 checkpoint (.pt), model YAML (yolov8n.yaml: random init), bare name looked up in "
+                   "models/pretrained/ then the working directory, or a QAT checkpoint of this toolkit "
+                   "(default: models/pretrained/yolov8{model.variant}.pt)")
+    b.add_argument("--data", default="coco.yaml", help="Ultralytics dataset YAML")
+    b.add_argument("--config", default=DEFAULT_CONFIG, help="QAT configuration file")
+    q = p.add_argument_group("QAT parameters")
+    q.add_argument("--qconfig", default=None,
+                   help="quantization preset: default, sensitive, tensorrt, openvino, w4a8; replaces the config's "
+                   "weight/activation/fake_quantize sections (default: quantization.default_qconfig = default)")
+    q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold BatchNorm into conv weights before weight fake-quant (default: qat_params.fuse_modules "
+                   "= True); --no-fuse keeps BN unfused")
+    head = q.add_mutually_exclusive_group()
+    head.add_argument("--keep-detection-head", dest="skip_head", action="store_false", default=None,
+                      help="quantize the Detect head convs (default: qat_params.skip_detection_head = False)")
+    head.add_argument("--skip-detection-head", dest="skip_head", action="store_true",
+                      help="keep the Detect head convs in float")
+    t = p.add_argument_group("training parameters")
+    t.add_argument("--epochs", type=int, default=None, help="QAT epochs; 0 = calibration only (PTQ) (default: 2)")
+    t.add_argument("--batch-size", type=int, default=None, help="batch size (default: 16)")
+    t.add_argument("--img-size", type=int, default=None, help="input image size (default: 640)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.0005)")
+    t.add_argument("--device", default=None,
+                   help="cuda, cpu, 0, 0,1 or cuda:N (default: cuda, falling back to cpu when no GPU exists)")
+    t.add_argument("--workers", type=int, default=None, help="dataloader workers (default: 2)")
+    t.add_argument("--resume", action="store_true", help="continue the unfinished run in --save-dir")
+    o = p.add_argument_group("output parameters")
+    o.add_argument("--save-dir", default=DEFAULT_SAVE_DIR, help="directory to save results")
+    o.add_argument("--output", default=DEFAULT_OUTPUT, help="output model name")
+    o.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="TensorBoard log directory")
+    o.add_argument("--exist-ok", action="store_true",
+                   help="reuse --save-dir even if it holds a finished run (default: numbered sibling qat2, qat3, ...)")
+    a = p.add_argument_group("advanced parameters")
+    a.add_argument("--distillation", action="store_true", default=None, help="use knowledge distillation")
+    a.add_argument("--teacher-model", default=None, help="teacher checkpoint (default: the FP32 source model)")
+    a.add_argument("--mixed-precision", action="store_true", default=None,
+                   help="sensitivity-driven per-layer bit widths")
+    a.add_argument("--analyze", action="store_true", help="write the quantization analysis report")
+    a.add_argument("--seed", type=int, default=None, help="random seed (default: 42)")
+    a.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized models after training")
+    a.add_argument("--export", action="store_true", help="export after training (formats from export.formats)")
+    a.add_argument("--export-dir", default=DEFAULT_EXPORT_DIR, help="directory for exports")
+    a.add_argument("--validate-exports", action="store_true", help="validate every export (implies --export)")
+    a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity; debug also prints full tracebacks")
+    return p
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """Dotted config keys set explicitly on the command line (they win over the YAML)."""
+    pairs = {
+        "train_params.epochs": args.epochs,
+        "train_params.batch_size": args.batch_size,
+        "train_params.img_size": args.img_size,
+        "train_params.lr": args.lr,
+        "train_params.seed": args.seed,
+        "train_params.workers": args.workers,
+        "train_params.device": args.device,
+        "qat_params.fuse_modules": args.fuse,
+        "qat_params.skip_detection_head": args.skip_head,
+        "qat_params.use_distillation": args.distillation,
+        "qat_params.use_mixed_precision": args.mixed_precision,
+        "distillation.teacher_model": args.teacher_model,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(message)s", stream=sys.stdout, force=True)
+    LOGGER.setLevel(getattr(logging, level.upper()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    prepare_environment()
+    try:
+        from src.pipeline import run
+
+        run(args, cli_overrides(args))
+        return 0
+    except KeyboardInterrupt:
+        LOGGER.error("Interrupted.")
+        return 130
+    except QATError as e:
+        if args.log_level == "debug":
+            LOGGER.exception(str(e))
+        else:
+            LOGGER.error(f"ERROR: {e}")
+        return 1

@@ -1,0 +1,300 @@
+"""The train_qat.py pipeline: one function per stage, run in order by :func:`run`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from src.errors import QATError
+from src.training.data import seed_everything
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+
+class NotImplementedYet(QATError):
+    """A documented flag whose capability has not landed yet."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def select_device(requested: str | None, default: str = "cuda") -> torch.device:
+    """Resolve --device. The default (cuda) falls back to CPU with a log line; a named GPU that is absent is an error.
+
+    Args:
+        requested: The --device value, None when not given.
+        default: train_params.device.
+    """
+    value = str(requested if requested is not None else default).strip().lower()
+    if value == "cpu":
+        return torch.device("cpu")
+    if "," in value:
+        raise NotImplementedYet(
+            f"--device {value}: multi-GPU (DDP) training is not implemented yet; use a single device (e.g. --device 0)"
+        )
+    if value in ("cuda", "gpu", ""):
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        LOGGER.info("No CUDA GPU found: using the CPU (pass --device cpu to silence this)")
+        return torch.device("cpu")
+    index = value.split(":", 1)[1] if value.startswith("cuda:") else value
+    if not index.isdigit():
+        raise QATError(f"--device {value!r} is not a device; use cpu, cuda, a GPU index like 0, or cuda:0")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index) >= n:
+        raise QATError(
+            f"--device {value}: CUDA device {index} is not available (this machine has {n} CUDA device"
+            f"{'s' if n != 1 else ''}); use --device cpu" + (f" or an index below {n}" if n else "")
+        )
+    return torch.device("cuda", int(index))
+
+
+def next_run_dir(save_dir: Path, output: str, exist_ok: bool) -> Path:
+    """``save_dir`` itself, or a numbered sibling (qat2, qat3, ...) when it already holds a finished run."""
+    def finished(d: Path) -> bool:
+        return (d / output).exists() or (d / "weights" / "last.pt").exists()
+
+    if exist_ok or not finished(save_dir):
+        return save_dir
+    n = 2
+    while finished(save_dir.with_name(f"{save_dir.name}{n}")):
+        n += 1
+    new = save_dir.with_name(f"{save_dir.name}{n}")
+    LOGGER.info(f"{save_dir} holds a finished run; writing to {new} (pass --exist-ok to reuse it)")
+    return new
+
+
+@contextmanager
+def graceful_stop(trainer):
+    """First SIGINT/SIGTERM asks the trainer to stop after saving a resumable checkpoint; a second one aborts."""
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        LOGGER.warning(f"Received {signal.Signals(signum).name}: saving a resumable checkpoint and stopping "
+                       "(signal again to abort)")
+        trainer.stop_requested = True
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def write_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _check_unimplemented(args, cfg) -> None:
+    todo = []
+    if cfg.qat_params.use_distillation:
+        todo.append("--distillation / qat_params.use_distillation")
+    if cfg.qat_params.use_mixed_precision:
+        todo.append("--mixed-precision / qat_params.use_mixed_precision")
+    if args.analyze:
+        todo.append("--analyze")
+    if args.export or args.validate_exports:
+        todo.append("--export / --validate-exports")
+    if todo:
+        raise NotImplementedYet(
+            f"{', '.join(todo)}: not implemented yet in this version; run without "
+            f"{'it' if len(todo) == 1 else 'them'} (plain QAT, --eval and PTQ with --epochs 0 work)"
+        )
+
+
+def _check_classes(model, data: dict, model_desc: str) -> None:
+    nc_model = int(model.yaml.get("nc", len(getattr(model, "names", {}) or {})))
+    if nc_model != int(data["nc"]):
+        raise QATError(
+            f"{model_desc} predicts {nc_model} classes but {data.get('yaml_file', 'the data YAML')} has {data['nc']}: "
+            "QAT starts from a model trained on the dataset's classes. Fine-tune it in FP32 first, e.g. "
+            f"`yolo train model={model_desc} data=<your data.yaml>`, then quantize the result."
+        )
+
+
+def run(args, overrides: dict) -> dict:
+    """Run the pipeline for parsed CLI ``args``; returns a summary dict (paths and metrics)."""
+    from src.config import load_config
+    from src.data.resolve import load_fp32_model, resolve_data, resolve_model_path
+    from src.models.yolov8_qat import build_from_checkpoint, prepare_qat_model
+
+    summary: dict = {}
+    save_dir = Path(args.save_dir)
+    if args.resume:
+        return resume(args, overrides)
+
+    resolved = resolve_model_path(args.model, _variant_hint(args))
+    is_qat = resolved.kind == "qat_checkpoint"
+    cfg = load_config(args.config, overrides, qconfig=args.qconfig)
+    _check_unimplemented(args, cfg)
+    seed_everything(cfg.train_params.seed)  # model init (YAML), calibration sampling and training all follow it
+    train_requested = (not is_qat) or args.epochs is not None
+    needs_data = train_requested or args.eval
+    data = resolve_data(args.data) if needs_data else None
+    device = select_device(args.device, cfg.train_params.device)
+
+    if is_qat:
+        ckpt = torch.load(resolved.path, map_location="cpu", weights_only=True)
+        model, _ = build_from_checkpoint(ckpt)
+        if args.qconfig:
+            LOGGER.warning("--qconfig is ignored for a QAT checkpoint: its placement and quantizers are kept")
+        fp32_source = ckpt.get("fp32_source")
+        LOGGER.info(f"Loaded QAT checkpoint {resolved.path}")
+        if data is not None:
+            _check_classes(model, data, str(resolved.path))
+        if not train_requested:  # eval-only / export-only: outputs go beside --model
+            out_dir = Path(resolved.path).parent
+            if args.eval:
+                summary["metrics"] = evaluate_stage(model, None if not fp32_source else fp32_source, args, cfg, data,
+                                                    device, out_dir, label=ckpt.get("stage", "qat"))
+            return summary
+        fp32_model = None
+        if fp32_source and Path(fp32_source).exists():
+            fp32_model = load_fp32_model(resolve_model_path(fp32_source, cfg.model.variant))
+    else:
+        fp32_model = load_fp32_model(resolved, nc=data["nc"] if resolved.kind == "yaml" else None)
+        fp32_source = str(resolved.path) if resolved.kind == "checkpoint" else None
+        _check_classes(fp32_model, data, str(resolved.path))
+        model = copy.deepcopy(fp32_model)
+        t0 = time.time()
+        placement = prepare_qat_model(model, cfg, imgsz=64)
+        LOGGER.info(f"Prepared model in {time.time() - t0:.1f}s: "
+                    f"{sum(l.quantized for l in placement.layers)}/{len(placement.layers)} convs quantized, "
+                    f"{len(placement.groups)} activation quantizers")
+
+    run_dir = next_run_dir(save_dir, args.output, args.exist_ok)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_yaml(run_dir / "config.yaml")
+    (run_dir / "placement.txt").write_text(model.qat_placement.report() + "\n")
+    write_json(model.qat_placement.to_dict(), run_dir / "placement.json")
+    LOGGER.debug(model.qat_placement.report())
+
+    if not is_qat:
+        calibrate_stage(model, cfg, data, device)
+    stage = "ptq" if cfg.train_params.epochs == 0 else "qat"
+    extra = {"fp32_source": fp32_source, "stage": stage, "data": str(args.data)}
+    final = model
+    if cfg.train_params.epochs > 0 or (cfg.qat_params.post_qat_fine_tuning and cfg.qat_params.fine_tuning_epochs):
+        final = train_stage(model, cfg, data, args, device, run_dir, extra)
+    from src.models.yolov8_qat import qat_checkpoint
+    from src.training.checkpoint import atomic_save
+
+    out_path = atomic_save(qat_checkpoint(final, cfg, extra=extra), run_dir / args.output)
+    LOGGER.info(f"Saved {stage.upper()} model to {out_path}")
+    summary["model"] = str(out_path)
+    if args.eval:
+        summary["metrics"] = evaluate_stage(final, fp32_model, args, cfg, data, device, run_dir, label=stage)
+    LOGGER.info(f"Results saved to {run_dir}")
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _variant_hint(args) -> str:
+    from src.config import load_config
+
+    try:
+        return load_config(args.config).model.variant
+    except QATError:
+        return "n"
+
+
+def calibrate_stage(model, cfg, data, device) -> int:
+    """Calibrate on ``qat_params.calibration_images`` training images (no augmentation)."""
+    from src.quantization.calibration import calibrate
+    from src.training.data import build_loader, hyperparameters, preprocess_batch
+
+    qp, tp = cfg.qat_params, cfg.train_params
+    hyp = hyperparameters(cfg, mode="val")
+    model.to(device)
+    stride = max(int(model.stride.max()), 32)
+    loader = build_loader(hyp, data, "train", qp.calibration_batch_size, mode="val", stride=stride, shuffle=True,
+                          seed=tp.seed)
+    batches = (preprocess_batch(b, device)["img"] for b in loader)
+    n = calibrate(model, batches, qp.calibration_images)
+    return n
+
+
+def train_stage(model, cfg, data, args, device, run_dir: Path, extra: dict, resume_state: dict | None = None):
+    from src.training.trainer import QATTrainer
+
+    trainer = QATTrainer(model, cfg, data, args.data, device, run_dir, Path(args.log_dir), args.output,
+                         checkpoint_extra=extra)
+    if resume_state is not None:
+        trainer.load_training_state(resume_state)
+    with graceful_stop(trainer):
+        final = trainer.train()
+    if trainer.stop_requested:
+        raise QATError(f"training stopped at epoch {trainer.state.epoch + 1}; resumable checkpoint saved to "
+                       f"{run_dir / 'weights' / 'last.pt'}. Continue with: python train_qat.py --resume "
+                       f"--save-dir {run_dir}")
+    return final
+
+
+def evaluate_stage(model, fp32_model, args, cfg, data, device, out_dir: Path, label: str) -> dict:
+    """Evaluate the FP32 source (when known) and the quantized model; write metrics.json and print a table."""
+    from src.data.resolve import load_fp32_model, resolve_model_path
+    from src.training.evaluate import evaluate
+
+    tp = cfg.train_params
+    results = {}
+    if isinstance(fp32_model, str):
+        fp32_model = load_fp32_model(resolve_model_path(fp32_model, cfg.model.variant))
+    if fp32_model is not None:
+        results["fp32"] = evaluate(fp32_model, args.data, imgsz=tp.img_size, batch=tp.batch_size, device=device)
+    results[label] = evaluate(model, args.data, imgsz=tp.img_size, batch=tp.batch_size, device=device)
+    path = write_json(results, out_dir / "metrics.json")
+    LOGGER.info(f"\n{'model':<8} {'mAP50':>8} {'mAP50-95':>9}")
+    for k, v in results.items():
+        LOGGER.info(f"{k:<8} {v['map50']:>8.4f} {v['map50_95']:>9.4f}")
+    LOGGER.info(f"Metrics written to {path}")
+    return results
+
+
+def resume(args, overrides: dict) -> dict:
+    """Continue the unfinished run in --save-dir from weights/last.pt."""
+    from src.data.resolve import resolve_data
+    from src.models.yolov8_qat import build_from_checkpoint, qat_checkpoint
+    from src.training.checkpoint import atomic_save
+
+    run_dir = Path(args.save_dir)
+    last = run_dir / "weights" / "last.pt"
+    if not last.exists():
+        raise QATError(f"--resume: no {last} to resume from; start a new run without --resume")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    st = ckpt.get("train_state")
+    if not st:
+        raise QATError(f"--resume: {last} holds no training state")
+    model, cfg = build_from_checkpoint(ckpt)
+    total = cfg.train_params.epochs + (cfg.qat_params.fine_tuning_epochs if cfg.qat_params.post_qat_fine_tuning else 0)
+    if int(st["epoch"]) >= total:
+        raise QATError(f"--resume: the run in {run_dir} already finished all {total} epochs; nothing to resume")
+    data_arg = ckpt.get("data") or args.data
+    args.data = data_arg
+    data = resolve_data(data_arg)
+    device = select_device(args.device, cfg.train_params.device)
+    LOGGER.info(f"Resuming {run_dir} from epoch {int(st['epoch']) + 1}/{total}")
+    extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data") if k in ckpt}
+    final = train_stage(model, cfg, data, args, device, run_dir, extra, resume_state=st)
+    out = atomic_save(qat_checkpoint(final, cfg, extra=extra), run_dir / args.output)
+    LOGGER.info(f"Saved QAT model to {out}")
+    summary = {"model": str(out), "run_dir": str(run_dir)}
+    if args.eval:
+        summary["metrics"] = evaluate_stage(final, extra.get("fp32_source"), args, cfg, data, device, run_dir, "qat")
+    return summary

@@ -1,0 +1,64 @@
+"""Evaluation with Ultralytics' DetectionValidator on our in-memory model (never a re-loaded, re-fused copy)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+
+def evaluate(
+    model: nn.Module,
+    data_yaml: str | Path,
+    *,
+    imgsz: int,
+    batch: int = 16,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    save_dir: str | Path | None = None,
+    split: str = "val",
+) -> dict:
+    """mAP50, mAP50-95 and per-class AP of ``model`` on a data split.
+
+    The validator gets a deep copy in eval mode: Ultralytics' AutoBackend switches off ``requires_grad`` and may
+    fuse, and neither may touch the model being trained. Quantizers in eval mode do not observe, so the copy is
+    evaluated with exactly the ranges it holds.
+
+    Returns:
+        ``{"map50", "map50_95", "per_class": {name: ap50_95}}``.
+    """
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    args = dict(
+        data=str(data_yaml),
+        imgsz=imgsz,
+        batch=batch,
+        device=str(dev.index if dev.type == "cuda" and dev.index is not None else dev.type),
+        workers=workers,
+        plots=False,
+        verbose=False,
+        save_json=False,
+        split=split,
+        rect=True,
+    )
+    if save_dir is not None:
+        args["project"], args["name"], args["exist_ok"] = str(Path(save_dir).parent), Path(save_dir).name, True
+    validator = DetectionValidator(args=args)
+    m = copy.deepcopy(model).float().eval()
+    stats = validator(model=m)
+    box = validator.metrics.box
+    names = getattr(model, "names", {})
+    per_class = {}
+    for i, c in enumerate(getattr(box, "ap_class_index", [])):
+        per_class[str(names.get(int(c), int(c)))] = round(float(box.ap[i]), 6)
+    return {
+        "map50": round(float(stats["metrics/mAP50(B)"]), 6),
+        "map50_95": round(float(stats["metrics/mAP50-95(B)"]), 6),
+        "per_class": per_class,
+    }
