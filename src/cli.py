@@ -22,12 +22,20 @@ DEFAULT_LOG_DIR = "logs/qat"
 DEFAULT_EXPORT_DIR = "models/exported"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends the default only where the help text does not already say it (config-derived defaults do)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_qat.py",
         description="Quantization-aware training for Ultralytics YOLOv8 detectors: prepare, calibrate, train, "
         "evaluate, analyse and export INT8 models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     b = p.add_argument_group("basic parameters")
     b.add_argument("--model", default=None,
@@ -46,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     head = q.add_mutually_exclusive_group()
     head.add_argument("--keep-detection-head", dest="skip_head", action="store_false", default=None,
                       help="quantize the Detect head convs (default: qat_params.skip_detection_head = False)")
-    head.add_argument("--skip-detection-head", dest="skip_head", action="store_true",
-                      help="keep the Detect head convs in float")
+    head.add_argument("--skip-detection-head", dest="skip_head", action="store_true", default=None,
+                      help="keep the Detect head convs in float (default: qat_params.skip_detection_head = False)")
     t = p.add_argument_group("training parameters")
     t.add_argument("--epochs", type=int, default=None, help="QAT epochs; 0 = calibration only (PTQ) (default: 2)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (default: 16)")
@@ -64,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--exist-ok", action="store_true",
                    help="reuse --save-dir even if it holds a finished run (default: numbered sibling qat2, qat3, ...)")
     a = p.add_argument_group("advanced parameters")
-    a.add_argument("--distillation", action="store_true", default=None, help="use knowledge distillation")
+    a.add_argument("--distillation", action="store_true", default=None,
+                   help="use knowledge distillation (default: qat_params.use_distillation = False)")
     a.add_argument("--teacher-model", default=None, help="teacher checkpoint (default: the FP32 source model)")
     a.add_argument("--mixed-precision", action="store_true", default=None,
-                   help="sensitivity-driven per-layer bit widths")
+                   help="sensitivity-driven per-layer bit widths (default: qat_params.use_mixed_precision = False)")
     a.add_argument("--analyze", action="store_true", help="write the quantization analysis report")
     a.add_argument("--seed", type=int, default=None, help="random seed (default: 42)")
     a.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized models after training")

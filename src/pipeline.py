@@ -152,7 +152,14 @@ def run(args, overrides: dict) -> dict:
 
     if is_qat:
         ckpt = torch.load(resolved.path, map_location="cpu", weights_only=True)
-        model, _ = build_from_checkpoint(ckpt)
+        model, stored = build_from_checkpoint(ckpt)
+        # the checkpoint's quantization (placement, ranges) is kept; training settings come from this run
+        cfg.quantization, cfg.layer_configs, cfg.mixed_precision = (stored.quantization, stored.layer_configs,
+                                                                    stored.mixed_precision)
+        cfg.qat_params.fuse_modules = stored.qat_params.fuse_modules
+        cfg.qat_params.skip_detection_head = stored.qat_params.skip_detection_head
+        cfg.qat_params.freeze_observers_epoch = 0  # fine-tuning keeps the learned ranges fixed
+        cfg.qat_params.freeze_bn_epoch = 0
         if args.qconfig:
             LOGGER.warning("--qconfig is ignored for a QAT checkpoint: its placement and quantizers are kept")
         fp32_source = ckpt.get("fp32_source")

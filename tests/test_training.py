@@ -116,3 +116,21 @@ def test_sigint_saves_resumable_checkpoint_and_resume_finishes(tiny_dataset, tmp
     assert torch.load(last, weights_only=True)["train_state"]["epoch"] == 4
     assert len((run / "results.csv").read_text().splitlines()) == 5
     assert (run / "quantized_model.pt").exists()
+
+
+def test_finetune_qat_checkpoint_keeps_placement_and_ranges(tiny_dataset, tmp_path):
+    assert main(_args(tiny_dataset, tmp_path / "base", "--epochs", "1")) == 0
+    base = tmp_path / "base" / "quantized_model.pt"
+    args = ["--model", str(base), "--data", str(tiny_dataset), "--epochs", "1", "--lr", "0.0001", "--img-size", "64",
+            "--batch-size", "4", "--device", "cpu", "--workers", "0", "--save-dir", str(tmp_path / "ft"),
+            "--log-dir", str(tmp_path / "ft" / "logs")]
+    assert main(args) == 0
+    a = torch.load(base, weights_only=True)
+    b = torch.load(tmp_path / "ft" / "quantized_model.pt", weights_only=True)
+    assert a["placement"] == b["placement"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    # activation ranges stay as trained (observers frozen); weights moved
+    frozen = [k for k in a["state_dict"] if k.startswith("qat_quantizers") and k.endswith("observer.min_val")]
+    assert frozen and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in frozen)
+    assert not torch.equal(a["state_dict"]["model.2.cv1.conv.weight"], b["state_dict"]["model.2.cv1.conv.weight"])
+    assert b["config"]["train_params"]["lr"] == 0.0001

@@ -92,6 +92,7 @@ class FakeQuantize(nn.Module):
         self._stale = False  # qparams lag the observer (observed with fake quant off)
         self.observer = build_observer(qcfg, self._qmin, self._qmax, self._symmetric, num_channels=num_channels,
                                        num_sites=num_sites, name=name)
+        self.observer.sync_distributed = not is_weight
 
         scale, zero_point = self.observer.compute()  # the no-data default
         if fq_type == "lsq":

@@ -53,6 +53,10 @@ class ObserverBase(nn.Module):
             )
         self.qmin, self.qmax, self.symmetric = int(qmin), int(qmax), bool(symmetric)
         self.ch_axis, self.num_channels, self.num_sites, self.name = ch_axis, num_channels, num_sites, name
+        # Under DDP each rank sees its own data shard and Ultralytics-style DDP does not broadcast buffers, so batch
+        # statistics are all-reduced before they are folded in: every rank keeps identical ranges. Weight observers
+        # turn this off (weights are already identical on every rank).
+        self.sync_distributed = True
         self._init_state()
 
     def _init_state(self) -> None:
@@ -97,8 +101,22 @@ class ObserverBase(nn.Module):
         if x.dtype != torch.float32:
             x = x.float()
         cur_min, cur_max = self._reduce(x)
+        if self._distributed():
+            cur_min, cur_max = cur_min.clone(), cur_max.clone()
+            torch.distributed.all_reduce(cur_min, torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(cur_max, torch.distributed.ReduceOp.MAX)
         check_finite_stats(cur_min, cur_max, self.name)
         self._update(x, site, cur_min, cur_max)
+
+    def _distributed(self) -> bool:
+        """True when statistics must be combined across DDP ranks."""
+        return (self.sync_distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+    def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        if self._distributed():
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
+        return t
 
     def _update(self, x: torch.Tensor, site: int, cur_min: torch.Tensor, cur_max: torch.Tensor) -> None:
         raise NotImplementedError
@@ -282,9 +300,9 @@ class HistogramObserver(ObserverBase):
             self._rebin(min(lo, float(self.min_val)), max(hi, float(self.max_val)))
         lo, hi = float(self.min_val), float(self.max_val)
         if hi > lo:
-            self.histogram.add_(torch.histc(x, self.bins, lo, hi).double())
+            self.histogram.add_(self._sum_across_ranks(torch.histc(x, self.bins, lo, hi).double()))
         else:  # all values so far are 0: a point mass, kept in bin 0
-            self.histogram[0] += x.numel()
+            self.histogram[0] += self._sum_across_ranks(torch.tensor(float(x.numel()), dtype=torch.float64))
 
     def _cdf(self, t: torch.Tensor) -> torch.Tensor:
         """Mass below ``t`` (float64), counts spread uniformly within each bin."""

@@ -1,0 +1,71 @@
+"""DDP: observer statistics are all-reduced so every rank keeps identical quantizer state."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, sync: bool) -> None:
+    sys.path.insert(0, str(REPO))
+    from src.env import prepare_environment
+
+    prepare_environment()
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.config import load_config
+    from src.models.yolov8_qat import prepare_qat_model, quantizers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # identical initial model on every rank
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    prepare_qat_model(model, load_config(str(REPO / "configs/qat_config.yaml")))
+    if not sync:
+        for _, q in quantizers(model):
+            q.observer.sync_distributed = False
+    ddp = DDP(model, broadcast_buffers=False)  # as Ultralytics wraps it: buffers are not broadcast
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data shard
+    for _ in range(3):
+        x = torch.rand(2, 3, 64, 64, generator=gen) * (1 + rank)
+        out = ddp(x)
+        loss = sum(v.float().pow(2).mean() for v in out.values() if isinstance(v, torch.Tensor))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "qat_quantizers" in k or "weight_quant" in k}
+    torch.save(state, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run(tmp_path: Path, sync: bool) -> tuple[dict, dict]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path), sync), nprocs=2, join=True)
+    return (torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_observer_state_identical_on_both_ranks(tmp_path):
+    r0, r1 = _run(tmp_path, sync=True)
+    assert r0.keys() == r1.keys()
+    differing = [k for k in r0 if not torch.equal(r0[k], r1[k])]
+    assert not differing, differing[:5]
+    # the shards really differ: without the all-reduce the ranks' activation ranges drift apart
+    (tmp_path / "nosync").mkdir()
+    n0, n1 = _run(tmp_path / "nosync", sync=False)
+    assert any(not torch.equal(n0[k], n1[k]) for k in n0 if k.startswith("qat_quantizers") and k.endswith("scale"))
