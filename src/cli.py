@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from src.env import prepare_environment
@@ -113,11 +114,15 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     prepare_environment()
     try:
-        from src.pipeline import run
+        from src.pipeline import launch_ddp, run
+
+        if args.device and "," in args.device and "LOCAL_RANK" not in os.environ:
+            return launch_ddp(argv, args.device)
 
         run(args, cli_overrides(args))
         return 0

@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +37,11 @@ def select_device(requested: str | None, default: str = "cuda") -> torch.device:
     value = str(requested if requested is not None else default).strip().lower()
     if value == "cpu":
         return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if "," in value:
-        raise NotImplementedYet(
-            f"--device {value}: multi-GPU (DDP) training is not implemented yet; use a single device (e.g. --device 0)"
-        )
+        if local_rank < 0:
+            raise QATError(f"--device {value}: multi-GPU runs are started by train_qat.py's launcher (torchrun)")
+        return torch.device("cuda", local_rank)  # torchrun child: CUDA_VISIBLE_DEVICES holds the listed GPUs
     if value in ("cuda", "gpu", ""):
         if torch.cuda.is_available():
             return torch.device("cuda", 0)
@@ -101,6 +106,39 @@ def write_json(obj, path: Path) -> Path:
     return path
 
 
+def launch_ddp(argv: list[str], devices: str) -> int:
+    """Re-run train_qat.py under torchrun, one process per listed GPU (what Ultralytics does for device=0,1)."""
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [d for d in ids if not d.isdigit() or int(d) >= n]
+    if bad:
+        raise QATError(f"--device {devices}: CUDA device(s) {', '.join(bad)} not available (this machine has {n} "
+                       f"CUDA device{'s' if n != 1 else ''}); list existing GPU indices or use --device cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "train_qat.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={len(ids)}", f"--master_port={port}",
+           str(script), *argv]
+    LOGGER.info(f"DDP: launching {len(ids)} processes: {' '.join(cmd)}")
+    return subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids)}).returncode
+
+
+def init_distributed(device: torch.device) -> int:
+    """Join the process group when started by torchrun; returns the rank (-1 when not distributed)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return -1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:
+        LOGGER.setLevel(logging.WARNING)
+    return dist.get_rank()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 def _check_unimplemented(args, cfg) -> None:
     todo = []
@@ -149,6 +187,7 @@ def run(args, overrides: dict) -> dict:
     needs_data = train_requested or args.eval
     data = resolve_data(args.data) if needs_data else None
     device = select_device(args.device, cfg.train_params.device)
+    rank = init_distributed(device)
 
     if is_qat:
         ckpt = torch.load(resolved.path, map_location="cpu", weights_only=True)
@@ -200,6 +239,10 @@ def run(args, overrides: dict) -> dict:
     final = model
     if cfg.train_params.epochs > 0 or (cfg.qat_params.post_qat_fine_tuning and cfg.qat_params.fine_tuning_epochs):
         final = train_stage(model, cfg, data, args, device, run_dir, extra)
+    if rank >= 0:
+        torch.distributed.destroy_process_group()
+    if rank > 0:  # DDP helpers stop here; the main process saves, evaluates and exports
+        return summary
     from src.models.yolov8_qat import qat_checkpoint
     from src.training.checkpoint import atomic_save
 
@@ -296,9 +339,14 @@ def resume(args, overrides: dict) -> dict:
     args.data = data_arg
     data = resolve_data(data_arg)
     device = select_device(args.device, cfg.train_params.device)
+    rank = init_distributed(device)
     LOGGER.info(f"Resuming {run_dir} from epoch {int(st['epoch']) + 1}/{total}")
     extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data") if k in ckpt}
     final = train_stage(model, cfg, data, args, device, run_dir, extra, resume_state=st)
+    if rank >= 0:
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return {}
     out = atomic_save(qat_checkpoint(final, cfg, extra=extra), run_dir / args.output)
     LOGGER.info(f"Saved QAT model to {out}")
     summary = {"model": str(out), "run_dir": str(run_dir)}

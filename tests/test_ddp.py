@@ -69,3 +69,35 @@ def test_observer_state_identical_on_both_ranks(tmp_path):
     (tmp_path / "nosync").mkdir()
     n0, n1 = _run(tmp_path / "nosync", sync=False)
     assert any(not torch.equal(n0[k], n1[k]) for k in n0 if k.startswith("qat_quantizers") and k.endswith("scale"))
+
+
+def test_torchrun_two_cpu_processes_train_end_to_end(tiny_dataset, tmp_path):
+    """The DDP training path (what --device 0,1 launches) run on CPU with gloo: one shared result, rank 0 saves."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "train_qat.py", "--model", "yolov8n.yaml", "--data", str(tiny_dataset), "--img-size", "64",
+           "--batch-size", "4", "--device", "cpu", "--workers", "0", "--epochs", "1", "--save-dir", str(run),
+           "--log-dir", str(run / "logs")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpt = torch.load(run / "quantized_model.pt", weights_only=True)
+    assert ckpt["stage"] == "qat"
+    assert len((run / "results.csv").read_text().splitlines()) == 2
+
+
+def test_multi_gpu_device_list_without_gpus_is_a_clear_error(tiny_dataset, tmp_path, capsys):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs")
+    from src.cli import main
+
+    rc = main(["--model", "yolov8n.yaml", "--data", str(tiny_dataset), "--device", "0,1", "--epochs", "0",
+               "--save-dir", str(tmp_path / "x")])
+    assert rc == 1
+    assert "0,1" in capsys.readouterr().out

@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: int = 32, workers: int | None = None,
-                 shuffle: bool | None = None, seed: int = 0):
+                 shuffle: bool | None = None, seed: int = 0, rank: int = -1):
     """Build Ultralytics' YOLO dataset + InfiniteDataLoader for one split.
 
     Args:
@@ -53,6 +53,7 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
         workers: Dataloader workers (default ``hyp.workers``).
         shuffle: Default: shuffle in train mode.
         seed: Seeds the loader's generator so epochs are reproducible.
+        rank: DDP rank (a DistributedSampler gives each rank its shard), -1 when not distributed.
     """
     from ultralytics.data import build_dataloader, build_yolo_dataset
 
@@ -62,7 +63,7 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
         batch=batch,
         workers=hyp.workers if workers is None else workers,
         shuffle=(mode == "train") if shuffle is None else shuffle,
-        rank=-1,
+        rank=rank,
         pin_memory=torch.cuda.is_available(),
         device="cuda" if torch.cuda.is_available() else "cpu",
     )

@@ -143,6 +143,19 @@ class QATTrainer:
         self.hyp = hyperparameters(cfg)
         self.model.args = self.hyp  # v8DetectionLoss reads its gains from model.args
         self.model.to(device)
+        self.rank, self.world_size = distributed_rank(), distributed_world_size()
+        self.forward_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # as Ultralytics does: buffers are not broadcast (observers all-reduce their own statistics)
+            self.forward_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                     broadcast_buffers=False)
+        if self.world_size > 1 and self.validate_each_epoch:
+            # Ultralytics' standalone validator synchronises ranks itself (torch_distributed_zero_first), so it can
+            # only run once the process group is gone: evaluation happens after training (--eval)
+            LOGGER.info("DDP: per-epoch validation is off; best.pt is the last epoch")
+            self.validate_each_epoch = False
         self.optimizer = build_optimizer(self.model, cfg, tp.lr)
         self.ema = QATModelEMA(self.model) if tp.ema else None
         self.amp = bool(tp.amp and device.type == "cuda")
@@ -187,7 +200,9 @@ class QATTrainer:
         tp = self.cfg.train_params
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         stride = max(int(self.model.stride.max()), 32)
-        loader = build_loader(self.hyp, self.data, "train", tp.batch_size, mode="train", stride=stride, seed=tp.seed)
+        batch = tp.batch_size // self.world_size if self.world_size > 1 else tp.batch_size
+        loader = build_loader(self.hyp, self.data, "train", batch, mode="train", stride=stride, seed=tp.seed,
+                              rank=self.rank if self.world_size > 1 else -1)
         nb = len(loader)
         accumulate = max(round(nominal_batch(self.cfg) / tp.batch_size), 1)
         warmup_iters = round(tp.warmup_epochs * nb) if tp.warmup_epochs > 0 else 0
@@ -196,7 +211,7 @@ class QATTrainer:
             if close_mosaic and epoch >= self.total_epochs - close_mosaic and hasattr(loader.dataset, "close_mosaic"):
                 loader.dataset.close_mosaic(hyp=self.hyp)
             self._set_epoch_switches(epoch)
-            _reseed_loader(loader, tp.seed + epoch)  # each epoch's order depends on its index only: exact resume
+            _reseed_loader(loader, tp.seed + epoch, epoch)  # each epoch's order depends on its index: exact resume
             good_state = self._snapshot()
             for attempt in range(MAX_NONFINITE_RETRIES + 1):
                 try:
@@ -211,7 +226,7 @@ class QATTrainer:
                     LOGGER.warning(f"{e.what} at epoch {epoch + 1} step {e.step}; rolling back to the start of the "
                                    f"epoch (retry {attempt + 1}/{MAX_NONFINITE_RETRIES}) with lr x 0.5")
                     self._restore(good_state)
-                    _reseed_loader(loader, tp.seed + epoch)
+                    _reseed_loader(loader, tp.seed + epoch, epoch)
                     for g in self.optimizer.param_groups:
                         g["initial_lr"] *= 0.5
             if self.stop_requested:
@@ -253,18 +268,23 @@ class QATTrainer:
             batch = preprocess_batch(batch, self.device)
             with torch.autocast(self.device.type, enabled=self.amp):
                 try:
-                    preds = self.model(batch["img"])
+                    preds = self.forward_model(batch["img"])
                 except NonFiniteObservationError as e:  # names the layer whose activations went NaN/inf
                     raise _NonFinite(i, str(e)) from None
                 loss, items = self.model.loss(batch, preds)
-                loss = loss.sum()
+                loss = loss.sum() * self.world_size  # DDP averages gradients over ranks
                 items = {k: float(v) for k, v in items.items()} if isinstance(items, dict) else \
                     {f"loss{j}": float(v) for j, v in enumerate(items)}
                 if self.extra_loss is not None:
                     extra, extra_items = self.extra_loss(preds, batch)
                     loss = loss + extra
                     items.update(extra_items)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if self.world_size > 1:  # every rank must take the same branch
+                flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+                torch.distributed.all_reduce(flag)
+                finite = float(flag) == 0
+            if not finite:
                 raise _NonFinite(i, "non-finite loss")
             self.scaler.scale(loss).backward()
             if (i + 1) % accumulate == 0 or i == nb - 1:
@@ -287,6 +307,8 @@ class QATTrainer:
     def _end_epoch(self, epoch: int, losses: dict) -> dict:
         tp = self.cfg.train_params
         metrics = {}
+        if self.rank > 0:  # only the main process validates, logs and saves
+            return metrics
         if self.validate_each_epoch:
             metrics = evaluate(self.eval_model, self.data_yaml, imgsz=tp.img_size, batch=tp.batch_size,
                                device=self.device, workers=0, save_dir=self.save_dir / "val")
@@ -373,9 +395,15 @@ class QATTrainer:
         return qat_checkpoint(model, self.cfg, extra=extra)
 
     def _save_last(self) -> None:
+        if self.rank > 0:
+            return
         atomic_save(self._checkpoint(self.eval_model, True), self.weights_dir / "last.pt")
 
     def _save(self, metrics: dict) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        if self.rank > 0:
+            return
         self._save_last()
         fit = fitness(metrics) if metrics else float(self.state.epoch)
         if fit >= self.state.best_fitness:
@@ -383,11 +411,24 @@ class QATTrainer:
             atomic_save(self._checkpoint(self.eval_model, False), self.weights_dir / "best.pt")
 
 
-def _reseed_loader(loader, seed: int) -> None:
-    """Restart the loader's iterator with its shuffle generator at ``seed``."""
+def distributed_rank() -> int:
+    """Global rank under torch.distributed, -1 when not distributed."""
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else -1
+
+
+def distributed_world_size() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _reseed_loader(loader, seed: int, epoch: int) -> None:
+    """Restart the loader's iterator with its shuffle generator at ``seed`` (DDP samplers: at ``epoch``)."""
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(seed)
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)
     if hasattr(loader, "reset"):
         loader.reset()
 

@@ -1,0 +1,306 @@
+"""Knowledge distillation for QAT: a frozen float teacher guides the fake-quantized student.
+
+Terms (each logged; all are exactly zero when student and teacher produce identical raw outputs):
+  * ``kd_cls``: binary KL between sigmoid class scores at temperature T (Ultralytics' classifier is per-class sigmoid,
+    not softmax), times T^2, normalised by the teacher's total score mass like v8DetectionLoss normalises its BCE.
+  * ``kd_box``: KL between the DFL box distributions (softmax over ``reg_max`` bins per side) at temperature T, times
+    T^2, weighted per anchor by the teacher's confidence (box distributions of background anchors carry no signal).
+  * ``kd_feat``: MSE between student and teacher feature maps (the neck outputs that feed Detect, or
+    ``distillation.feature_layers``), through a trainable 1x1 conv adapter where the channel counts differ.
+
+The teacher lives in a plain attribute of :class:`Distiller` (not a registered submodule of anything the trainer
+touches), its parameters have ``requires_grad=False`` and it runs under ``torch.no_grad()`` in eval mode, so neither
+the optimizer, ``model.train()``, EMA nor checkpoints ever see it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.errors import QATError
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+
+class DistillationError(QATError):
+    """The teacher cannot guide this student (class set, architecture or feature shapes differ)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loss terms: pure functions of the raw head outputs
+# --------------------------------------------------------------------------------------------------------------------
+def _raw(preds) -> dict:
+    """The raw head dict from a Detect output (training: the dict; eval: ``(decoded, dict)``)."""
+    if isinstance(preds, (tuple, list)):
+        preds = preds[1]
+    if not isinstance(preds, dict) or "scores" not in preds or "boxes" not in preds:
+        raise DistillationError("distillation needs the Detect head's raw outputs {'boxes', 'scores', 'feats'}; "
+                                "got " + type(preds).__name__)
+    return preds
+
+
+def class_kd(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Binary KL(teacher || student) of sigmoid class scores at temperature T, x T^2 / teacher score mass.
+
+    Args:
+        student_scores: Logits (B, nc, A).
+        teacher_scores: Logits (B, nc, A).
+        temperature: T > 0; logits are divided by it before the sigmoid.
+    """
+    s = student_scores.float() / temperature
+    t = teacher_scores.float() / temperature
+    p = torch.sigmoid(t)
+    # written as differences of log-sigmoids so that identical logits give exactly 0
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum() / p.sum().clamp(min=1.0) * temperature ** 2
+
+
+def box_kd(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, teacher_scores: torch.Tensor,
+           temperature: float, reg_max: int) -> torch.Tensor:
+    """KL(teacher || student) of the DFL distributions at temperature T, x T^2, weighted by teacher confidence.
+
+    Args:
+        student_boxes: Raw DFL logits (B, 4 * reg_max, A).
+        teacher_boxes: Raw DFL logits (B, 4 * reg_max, A).
+        teacher_scores: Teacher class logits (B, nc, A); the per-anchor weight is max_c sigmoid (at T = 1).
+        temperature: T > 0.
+        reg_max: DFL bins per box side.
+    """
+    b, _, a = student_boxes.shape
+    s = student_boxes.float().view(b, 4, reg_max, a) / temperature
+    t = teacher_boxes.float().view(b, 4, reg_max, a) / temperature
+    log_ps, log_pt = F.log_softmax(s, dim=2), F.log_softmax(t, dim=2)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=2).mean(dim=1)  # (B, A): mean over the 4 sides
+    w = torch.sigmoid(teacher_scores.float()).amax(dim=1)  # (B, A)
+    return (w * kl).sum() / w.sum().clamp(min=1.0) * temperature ** 2
+
+
+def feature_kd(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+               adapters: nn.ModuleList) -> torch.Tensor:
+    """Mean over levels of MSE(adapter(student), teacher); an ``nn.Identity`` adapter where widths match."""
+    total = student_feats[0].new_zeros((), dtype=torch.float32)
+    for s, t, adapt in zip(student_feats, teacher_feats, adapters):
+        total = total + F.mse_loss(adapt(s.float()), t.float())
+    return total / max(len(student_feats), 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------------------------------
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, and ``train()`` made a no-op so nothing can switch it back to training."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.train = lambda mode=True: teacher  # BN statistics and Detect's inference path stay fixed
+    return teacher
+
+
+def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
+    """The frozen teacher: ``distillation.teacher_model`` if set, else a copy of the FP32 source model.
+
+    Args:
+        cfg: Resolved QATConfig.
+        fp32_model: The float model QAT started from (None when unknown, e.g. a QAT checkpoint without source).
+        data: Checked data dict; the teacher must predict exactly its classes.
+
+    Raises:
+        DistillationError: No teacher available, or its classes differ from the dataset's.
+    """
+    from src.data.resolve import load_fp32_model, resolve_model_path
+
+    source = cfg.distillation.teacher_model
+    if source:
+        resolved = resolve_model_path(source, cfg.model.variant)
+        if resolved.kind == "qat_checkpoint":
+            raise DistillationError(f"--teacher-model {source} is a QAT checkpoint; the teacher must be a float "
+                                    "Ultralytics detection checkpoint (e.g. yolov8m.pt trained on this dataset)")
+        teacher = load_fp32_model(resolved, nc=int(data["nc"]) if resolved.kind == "yaml" else None)
+        if resolved.kind == "yaml":
+            teacher.names = dict(data["names"])
+            LOGGER.warning(f"teacher {source} is a model YAML: randomly initialised, so it teaches nothing useful")
+        desc = f"--teacher-model {source}"
+    else:
+        if fp32_model is None:
+            raise DistillationError(
+                "self-distillation needs the FP32 source model, which this QAT checkpoint does not name "
+                "(fp32_source); pass --teacher-model <fp32 checkpoint trained on this dataset>")
+        teacher = copy.deepcopy(fp32_model)
+        desc = "the FP32 source model"
+    check_teacher_classes(teacher, data, desc)
+    return freeze_teacher(teacher.float())
+
+
+def check_teacher_classes(teacher: nn.Module, data: dict, desc: str) -> None:
+    """The teacher predicts the dataset's class set (same count and names, in the same order)."""
+    nc = int(teacher.yaml.get("nc", len(getattr(teacher, "names", {}) or {})))
+    if nc != int(data["nc"]):
+        raise DistillationError(
+            f"{desc} predicts {nc} classes but the dataset has {data['nc']}; distillation needs a teacher trained "
+            "on the same classes (fine-tune it first: `yolo train model=<teacher.pt> data=<data.yaml>`)")
+    names = {int(k): str(v) for k, v in (getattr(teacher, "names", None) or {}).items()}
+    want = {int(k): str(v) for k, v in dict(data["names"]).items()}
+    if names and names != want:
+        diff = [f"{k}: {names.get(k)!r} vs {want.get(k)!r}" for k in sorted(want) if names.get(k) != want.get(k)]
+        raise DistillationError(
+            f"{desc} has other class names than the dataset ({'; '.join(diff[:5])}); distillation needs a teacher "
+            "trained on the same classes in the same order")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The extra_loss callable the trainer takes
+# --------------------------------------------------------------------------------------------------------------------
+class _LayerOutputs:
+    """Forward hooks that keep the latest output of selected top-level layers."""
+
+    def __init__(self, model: nn.Module, indices: list[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = []
+        layers = model.model
+        for i in indices:
+            if not 0 <= i < len(layers):
+                raise DistillationError(f"distillation.feature_layers: {i} is not a layer index of this model "
+                                        f"(0..{len(layers) - 1}); use e.g. the neck outputs [15, 18, 21]")
+            self.handles.append(layers[i].register_forward_hook(
+                lambda mod, inp, out, i=i: self.outputs.__setitem__(i, out)))
+
+    def get(self, indices: list[int]) -> list[torch.Tensor]:
+        return [self.outputs[i] for i in indices]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class Distiller:
+    """``extra_loss(preds, batch) -> (loss, {term: value})`` for :class:`~src.training.trainer.QATTrainer`.
+
+    Args:
+        teacher: Frozen teacher (see :func:`build_teacher`).
+        student: The model being trained (used once to size the feature adapters, and for feature hooks).
+        dcfg: ``cfg.distillation``.
+        device: Where teacher and adapters run.
+        imgsz: Image size of the probe forward that sizes the adapters.
+
+    The adapters (1x1 convs where student and teacher widths differ) are trainable: add :meth:`parameters` to the
+    optimizer (``train_stage`` adds them as the param group ``distill``).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, dcfg, device: torch.device, imgsz: int = 64):
+        self.teacher = teacher.to(device)
+        self.T, self.kd_weight, self.feature_weight = dcfg.temperature, dcfg.kd_weight, dcfg.feature_weight
+        self.feature_layers = list(dcfg.feature_layers)
+        s_head, t_head = student.model[-1], teacher.model[-1]
+        if s_head.reg_max != t_head.reg_max:
+            raise DistillationError(f"teacher reg_max {t_head.reg_max} differs from the student's {s_head.reg_max}; "
+                                    "box distributions cannot be compared")
+        self.reg_max = s_head.reg_max
+        self.adapters = nn.ModuleList()
+        self._student_hooks = self._teacher_hooks = None
+        if self.feature_weight > 0:
+            if self.feature_layers:
+                self._student_hooks = _LayerOutputs(student, self.feature_layers)
+                self._teacher_hooks = _LayerOutputs(self.teacher, self.feature_layers)
+            self.adapters = self._build_adapters(student, device, imgsz)
+        self.adapters.to(device)
+
+    def _features(self, raw: dict, hooks: _LayerOutputs | None) -> list[torch.Tensor]:
+        return list(raw["feats"]) if hooks is None else hooks.get(self.feature_layers)
+
+    def _build_adapters(self, student: nn.Module, device, imgsz: int) -> nn.ModuleList:
+        p = next(student.parameters())
+        x = torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=p.dtype)
+        was = student.training
+        student.eval()  # eval mode: no observer updates, no BN statistics change
+        try:
+            with torch.no_grad():
+                s_feats = self._features(_raw(student(x)), self._student_hooks)
+                t_feats = self._features(_raw(self.teacher(x)), self._teacher_hooks)
+        finally:
+            student.train(was)
+        adapters = nn.ModuleList()
+        for i, (s, t) in enumerate(zip(s_feats, t_feats)):
+            if s.shape[2:] != t.shape[2:]:
+                raise DistillationError(f"feature level {i}: student map {tuple(s.shape[2:])} vs teacher "
+                                        f"{tuple(t.shape[2:])}; choose distillation.feature_layers with equal strides")
+            if s.shape[1] == t.shape[1]:
+                adapters.append(nn.Identity())
+            else:
+                adapters.append(nn.Conv2d(s.shape[1], t.shape[1], 1))
+        return adapters
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the feature adapters (empty when widths match or feature distillation is off)."""
+        return list(self.adapters.parameters())
+
+    def state_dict(self) -> dict:
+        """Adapter weights (live tensors: they follow the optimizer's in-place updates)."""
+        return dict(self.adapters.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapters.load_state_dict(state)
+
+    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        student = _raw(preds)
+        with torch.no_grad():
+            teacher = _raw(self.teacher(batch["img"]))
+        bs = student["scores"].shape[0]
+        l_cls = class_kd(student["scores"], teacher["scores"], self.T)
+        l_box = box_kd(student["boxes"], teacher["boxes"], teacher["scores"], self.T, self.reg_max)
+        loss = self.kd_weight * (l_cls + l_box)
+        items = {"kd_cls": float(l_cls.detach()), "kd_box": float(l_box.detach())}
+        if self.feature_weight > 0:
+            l_feat = feature_kd(self._features(student, self._student_hooks),
+                                self._features(teacher, self._teacher_hooks), self.adapters)
+            loss = loss + self.feature_weight * l_feat
+            items["kd_feat"] = float(l_feat.detach())
+        # v8DetectionLoss returns its per-image loss x batch size; match that scale so the weights compare directly
+        return loss * bs, items
+
+    def close(self) -> None:
+        for h in (self._student_hooks, self._teacher_hooks):
+            if h is not None:
+                h.remove()
+
+
+def attach_distiller(trainer, cfg, fp32_model: nn.Module | None, data: dict) -> Distiller:
+    """Build the teacher and :class:`Distiller` and wire them into a constructed ``QATTrainer``.
+
+    The trainer gets the distiller as its ``extra_loss``; the adapters join its optimizer as param group
+    ``distill`` (lr = train_params.lr, no weight decay) and its checkpoints as ``distill_adapters`` (so --resume
+    restores them; call this before ``load_training_state`` so the optimizer groups line up).
+
+    Args:
+        trainer: A ``QATTrainer`` whose ``checkpoint_extra`` may hold ``fp32_source`` and ``distill_adapters``
+            (from a checkpoint being resumed).
+        cfg: Resolved QATConfig.
+        fp32_model: The float source model; None loads ``checkpoint_extra["fp32_source"]`` when the teacher is the
+            source model.
+        data: Checked data dict.
+    """
+    from src.data.resolve import load_fp32_model, resolve_model_path
+
+    extra = trainer.checkpoint_extra
+    if fp32_model is None and not cfg.distillation.teacher_model and extra.get("fp32_source"):
+        fp32_model = load_fp32_model(resolve_model_path(extra["fp32_source"], cfg.model.variant))
+    teacher = build_teacher(cfg, fp32_model, data)
+    distiller = Distiller(teacher, trainer.model, cfg.distillation, trainer.device, imgsz=cfg.train_params.img_size)
+    if extra.get("distill_adapters"):
+        distiller.load_state_dict(extra["distill_adapters"])
+    params = distiller.parameters()
+    if params:
+        lr = cfg.train_params.lr
+        trainer.optimizer.add_param_group({"params": params, "weight_decay": 0.0, "group": "distill", "lr": lr,
+                                           "initial_lr": lr})
+        extra["distill_adapters"] = distiller.state_dict()
+    trainer.extra_loss = distiller
+    n_adapt = sum(isinstance(a, nn.Conv2d) for a in distiller.adapters)
+    LOGGER.info(f"Distillation from {cfg.distillation.teacher_model or 'the FP32 source model'}: "
+                f"T={distiller.T:g}, kd_weight={distiller.kd_weight:g}, feature_weight={distiller.feature_weight:g}"
+                + (f", {n_adapt} 1x1 adapters ({sum(p.numel() for p in params)} params)" if n_adapt else ""))
+    return distiller
