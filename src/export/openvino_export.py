@@ -1,0 +1,194 @@
+"""OpenVINO IR from the QDQ ONNX, and a check of which convolutions really run INT8 on the CPU plugin.
+
+OpenVINO reads an activation Q/DQ pair as ``FakeQuantize`` and an int8 weight with DequantizeLinear as
+``Constant(i8) -> Convert -> Multiply``; its low-precision transformations then run a convolution in INT8 when both
+its input (through concat/split/max-pool) and its weight are quantized this way. Whether that happened is only
+visible in the compiled model's runtime graph: each executed node carries ``layerType``, ``runtimePrecision`` and
+``originalLayersNames`` (the IR nodes fused into it), which :func:`runtime_int8_report` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from src.errors import QATError
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+INT8_PRECISIONS = ("u8", "i8")
+# IR ops a FakeQuantize output passes through without leaving its grid (OpenVINO's LPT propagates through them).
+_OV_AGNOSTIC = frozenset({"Split", "VariadicSplit", "StridedSlice", "Slice", "MaxPool", "Interpolate", "Reshape",
+                          "Transpose", "Squeeze", "Unsqueeze"})
+
+
+@dataclass
+class Int8Report:
+    """Runtime precision of the quantized convolutions of an IR (names are IR Convolution friendly names)."""
+
+    quantized: list[str] = field(default_factory=list)
+    int8: list[str] = field(default_factory=list)
+    float_fallbacks: dict[str, str] = field(default_factory=dict)  # quantized conv -> precision it ran in
+    unquantized: dict[str, str] = field(default_factory=dict)  # float-by-design convs (e.g. DFL) -> precision
+    device: str = "CPU"
+
+    @property
+    def ok(self) -> bool:
+        return not self.float_fallbacks
+
+    def summary(self) -> str:
+        s = f"{len(self.int8)}/{len(self.quantized)} quantized convs run INT8 on {self.device}"
+        if self.float_fallbacks:
+            s += "; float fallbacks: " + ", ".join(f"{k} ({v})" for k, v in self.float_fallbacks.items())
+        if self.unquantized:
+            s += f"; {len(self.unquantized)} float-by-design: " + ", ".join(
+                f"{k} ({v})" for k, v in self.unquantized.items())
+        return s
+
+
+def export_openvino(onnx_path: str | Path, out_dir: str | Path, stem: str, metadata: dict | None = None) -> Path:
+    """Convert the QDQ ONNX to ``<out_dir>/<stem>.xml``/``.bin`` (+ ``metadata.yaml``), weights kept int8/fp32."""
+    import openvino as ov
+
+    from src.export.metadata import write_metadata_yaml
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ov_model = ov.convert_model(str(onnx_path))
+    if metadata:
+        # the model_info keys Ultralytics' exporter sets, read by OpenVINO's model API / model server
+        names = metadata.get("names", {})
+        ov_model.set_rt_info("YOLO", ["model_info", "model_type"])
+        ov_model.set_rt_info(True, ["model_info", "reverse_input_channels"])
+        ov_model.set_rt_info(114, ["model_info", "pad_value"])
+        ov_model.set_rt_info([255.0], ["model_info", "scale_values"])
+        ov_model.set_rt_info(0.7, ["model_info", "iou_threshold"])
+        ov_model.set_rt_info([str(v).replace(" ", "_") for v in names.values()], ["model_info", "labels"])
+        ov_model.set_rt_info("fit_to_window_letterbox", ["model_info", "resize_type"])
+    xml = out_dir / f"{stem}.xml"
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp16 compression would touch the float parts only
+    if metadata:
+        write_metadata_yaml(metadata, out_dir)
+    size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
+    LOGGER.info(f"OpenVINO IR export: {xml} ({size:.2f} MB)")
+    return xml
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runtime INT8 report
+# --------------------------------------------------------------------------------------------------------------------
+def _fq_fed(output) -> bool:
+    """True when an IR tensor comes from FakeQuantize through grid-preserving ops (Concat: all inputs)."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind == "Concat":
+        return all(_fq_fed(i.get_source_output()) for i in node.inputs())
+    if kind in _OV_AGNOSTIC:
+        return _fq_fed(node.input(0).get_source_output())
+    return False
+
+
+def _int_weight(output) -> bool:
+    """True for a weight that is dequantized from integers: Constant(i8/u8) -> Convert [-> Subtract] -> Multiply."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind in ("Multiply", "Subtract", "Convert", "Reshape"):
+        return any(_int_weight(i.get_source_output()) for i in node.inputs())
+    if kind == "Constant":
+        return node.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4")
+    return False
+
+
+def quantized_convolutions(ov_model) -> tuple[list[str], list[str]]:
+    """(quantized, float) Convolution names of an IR: quantized = FakeQuantize-fed input and integer weight."""
+    quantized, plain = [], []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution"):
+            continue
+        q = _fq_fed(op.input(0).get_source_output()) and _int_weight(op.input(1).get_source_output())
+        (quantized if q else plain).append(op.get_friendly_name())
+    return quantized, plain
+
+
+def compile_model(xml_path: str | Path, device: str = "CPU", config: dict | None = None):
+    """Compile an IR on ``device`` (one place, so the report and the latency use the same plugin settings)."""
+    import openvino as ov
+
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(xml_path)), device, config or {})
+
+
+def runtime_int8_report(xml_path: str | Path, device: str = "CPU", config: dict | None = None) -> Int8Report:
+    """Which quantized convolutions run u8/i8 after compilation, and which fell back to float (by name).
+
+    Args:
+        xml_path: The IR.
+        device: OpenVINO device.
+        config: Compile properties (e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}``).
+    """
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    if not xml_path.is_file():
+        raise QATError(f"OpenVINO IR {xml_path} not found; export it with --export and 'openvino' in export.formats")
+    core = ov.Core()
+    model = core.read_model(str(xml_path))
+    quantized, plain = quantized_convolutions(model)
+    runtime = core.compile_model(model, device, config or {}).get_runtime_model()
+    precision_of: dict[str, str] = {}
+    for node in runtime.get_ordered_ops():
+        info = node.get_rt_info()
+        if "layerType" not in info or "Convolution" not in info["layerType"].astype(str):
+            continue
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        for name in info["originalLayersNames"].astype(str).split(","):
+            precision_of.setdefault(name.strip(), precision)
+    report = Int8Report(quantized=quantized, device=device)
+    for name in quantized:
+        p = precision_of.get(name, "not found")
+        if p in INT8_PRECISIONS:
+            report.int8.append(name)
+        else:
+            report.float_fallbacks[name] = p
+    report.unquantized = {n: precision_of.get(n, "not found") for n in plain}
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ultralytics loading
+# --------------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ultralytics_view(xml_path: str | Path) -> Iterator[Path]:
+    """A ``<stem>_openvino_model`` directory holding the IR (+ metadata.yaml), as ``YOLO()`` requires.
+
+    Ultralytics recognises OpenVINO only by that directory-name suffix; the spec's layout is ``openvino/<stem>.xml``.
+    When the IR already sits in such a directory it is used as is; otherwise a temporary directory of symlinks
+    (copies where links are not allowed) is made and removed afterwards.
+    """
+    xml_path = Path(xml_path).resolve()
+    if xml_path.parent.name.endswith("_openvino_model"):
+        yield xml_path.parent
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="ov_view_"))
+    view = tmp / f"{xml_path.stem}_openvino_model"
+    view.mkdir()
+    try:
+        for src in (xml_path, xml_path.with_suffix(".bin"), xml_path.parent / "metadata.yaml"):
+            if src.is_file():
+                try:
+                    os.symlink(src, view / src.name)
+                except OSError:
+                    shutil.copy2(src, view / src.name)
+        yield view
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

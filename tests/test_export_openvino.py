@@ -1,0 +1,124 @@
+"""OpenVINO IR from the QDQ ONNX: parity with the fake-quant model, every quantized conv INT8 in the compiled runtime
+graph, Ultralytics-loadable layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+IMGSZ = 64
+
+
+def _qat_model():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.config import load_config
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.quantization.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.names = {0: "circle", 1: "square", 2: "triangle"}
+    cfg = load_config("configs/qat_config.yaml")
+    prepare_qat_model(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    calibrate(model, [torch.rand(2, 3, IMGSZ, IMGSZ, generator=g) for _ in range(2)], 4, progress=False)
+    return model.eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory):
+    from src.export.metadata import build_metadata
+    from src.export.onnx_qdq import export_onnx
+    from src.export.openvino_export import export_openvino
+
+    model, cfg = _qat_model()
+    out = tmp_path_factory.mktemp("ov")
+    meta = build_metadata(model, IMGSZ, cfg=cfg)
+    onnx_path = export_onnx(model, out / "onnx" / "quantized_model.onnx", IMGSZ, metadata=meta)
+    xml = export_openvino(onnx_path, out / "openvino", "quantized_model", meta)
+    return model, onnx_path, xml
+
+
+def test_layout_and_metadata(ir):
+    from src.export.metadata import read_metadata
+
+    _, _, xml = ir
+    assert xml.name == "quantized_model.xml" and xml.parent.name == "openvino"
+    assert xml.with_suffix(".bin").is_file()
+    meta = read_metadata(xml)
+    assert meta["names"] == {0: "circle", 1: "square", 2: "triangle"}
+    assert meta["imgsz"] == [IMGSZ, IMGSZ] and meta["batch"] == 1
+    assert meta["qat_quantization"]["quantized_convs"] == 63
+
+
+def test_openvino_matches_fake_quant_torch(ir):
+    from src.export.onnx_qdq import prepare_for_export
+    from src.export.openvino_export import compile_model
+
+    model, _, xml = ir
+    ref = prepare_for_export(model)
+    g = torch.Generator().manual_seed(7)
+    xs = torch.rand(3, 1, 3, IMGSZ, IMGSZ, generator=g)
+    # f32 inference precision: the float-by-design tail (DFL, decode) then runs fp32 as in torch, so what is left is
+    # the INT8 part; with the default (bf16 on AVX-512 BF16 CPUs) the decode adds bf16 rounding on top
+    compiled = compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    errs = []
+    for x in xs:
+        with torch.no_grad():
+            y_t = ref(x).numpy()
+        y_o = np.array(compiled([x.numpy()])[0])
+        assert y_o.shape == y_t.shape
+        errs.append(float(np.abs(y_o - y_t).max()))
+    print(f"OpenVINO (f32 hint) vs torch fake quant: max abs err {max(errs):.3g}")
+    assert max(errs) < 1e-3  # pixel-unit boxes: agreement to ~1e-4 px
+
+
+def test_every_quantized_conv_runs_int8(ir):
+    from src.export.openvino_export import runtime_int8_report
+
+    model, _, xml = ir
+    report = runtime_int8_report(xml)
+    print(report.summary())
+    n_quantized = sum(l.quantized for l in model.qat_placement.layers)
+    assert len(report.quantized) == n_quantized == 63
+    assert report.float_fallbacks == {}
+    assert len(report.int8) == 63
+    assert list(report.unquantized) == ["/model.22/dfl/conv/Conv"]
+
+
+def test_conv_without_input_qdq_is_not_counted_quantized(ir, tmp_path):
+    """Remove the activation DQ in front of the first conv: the IR has one quantized conv fewer, named."""
+    import onnx
+
+    from src.export.openvino_export import export_openvino, runtime_int8_report
+
+    _, onnx_path, _ = ir
+    proto = onnx.load(str(onnx_path))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    dq = producer[conv.input[0]]
+    q = producer[dq.input[0]]
+    conv.input[0] = q.input[0]  # the float image goes straight into the conv
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    report = runtime_int8_report(export_openvino(bad, tmp_path / "ov", "bad"))
+    assert len(report.quantized) == 62
+    assert "/model.0/Conv/WithoutBiases" in report.unquantized
+
+
+def test_ultralytics_loads_the_ir_through_the_view(ir):
+    from ultralytics import YOLO
+
+    from src.export.openvino_export import ultralytics_view
+
+    _, _, xml = ir
+    with ultralytics_view(xml) as view:
+        assert view.name == "quantized_model_openvino_model"
+        yolo = YOLO(str(view), task="detect")
+        image = (np.random.default_rng(0).random((IMGSZ, IMGSZ, 3)) * 255).astype(np.uint8)
+        results = yolo.predict(image, imgsz=IMGSZ, conf=0.0, verbose=False)
+        assert yolo.predictor.model.format == "openvino"
+        assert results[0].names == {0: "circle", 1: "square", 2: "triangle"}
+    assert not view.exists()  # the temporary view is cleaned up
