@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP32 checkpoint (.pt), model YAML (yolov8n.yaml: random init), bare name looked up in "
                    "models/pretrained/ then the working directory, or a QAT checkpoint of this toolkit "
                    "(default: models/pretrained/yolov8{model.variant}.pt)")
-    b.add_argument("--data", default="coco.yaml", help="Ultralytics dataset YAML")
+    b.add_argument("--data", default=None,
+                   help="Ultralytics dataset YAML (default: coco.yaml; optional for export-only runs)")
     b.add_argument("--config", default=DEFAULT_CONFIG, help="QAT configuration file")
     q = p.add_argument_group("QAT parameters")
     q.add_argument("--qconfig", default=None,

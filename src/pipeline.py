@@ -22,6 +22,9 @@ from src.training.data import seed_everything
 LOGGER = logging.getLogger("yolov8_qat")
 
 
+DEFAULT_DATA = "coco.yaml"
+
+
 class NotImplementedYet(QATError):
     """A documented flag whose capability has not landed yet."""
 
@@ -148,8 +151,6 @@ def _check_unimplemented(args, cfg) -> None:
         todo.append("--mixed-precision / qat_params.use_mixed_precision")
     if args.analyze:
         todo.append("--analyze")
-    if args.export or args.validate_exports:
-        todo.append("--export / --validate-exports")
     if todo:
         raise NotImplementedYet(
             f"{', '.join(todo)}: not implemented yet in this version; run without "
@@ -184,7 +185,8 @@ def run(args, overrides: dict) -> dict:
     _check_unimplemented(args, cfg)
     seed_everything(cfg.train_params.seed)  # model init (YAML), calibration sampling and training all follow it
     train_requested = (not is_qat) or args.epochs is not None
-    needs_data = train_requested or args.eval
+    needs_data = train_requested or args.eval or args.validate_exports or args.data is not None
+    args.data = args.data or DEFAULT_DATA
     data = resolve_data(args.data) if needs_data else None
     device = select_device(args.device, cfg.train_params.device)
     rank = init_distributed(device)
@@ -205,11 +207,13 @@ def run(args, overrides: dict) -> dict:
         LOGGER.info(f"Loaded QAT checkpoint {resolved.path}")
         if data is not None:
             _check_classes(model, data, str(resolved.path))
-        if not train_requested:  # eval-only / export-only: outputs go beside --model
+        if not train_requested:  # eval-only / export-only: outputs go beside --model and under --export-dir
             out_dir = Path(resolved.path).parent
             if args.eval:
                 summary["metrics"] = evaluate_stage(model, None if not fp32_source else fp32_source, args, cfg, data,
                                                     device, out_dir, label=ckpt.get("stage", "qat"))
+            if args.export or args.validate_exports:
+                summary["exports"] = export_stage(model, cfg, args, data, device, Path(resolved.path))
             return summary
         fp32_model = None
         if fp32_source and Path(fp32_source).exists():
@@ -251,6 +255,8 @@ def run(args, overrides: dict) -> dict:
     summary["model"] = str(out_path)
     if args.eval:
         summary["metrics"] = evaluate_stage(final, fp32_model, args, cfg, data, device, run_dir, label=stage)
+    if args.export or args.validate_exports:
+        summary["exports"] = export_stage(final, cfg, args, data, device, out_path)
     LOGGER.info(f"Results saved to {run_dir}")
     summary["run_dir"] = str(run_dir)
     return summary
@@ -317,6 +323,26 @@ def evaluate_stage(model, fp32_model, args, cfg, data, device, out_dir: Path, la
     return results
 
 
+def export_stage(model, cfg, args, data, device, checkpoint: Path) -> dict:
+    """Export to ``export.formats`` under --export-dir; with --validate-exports gate on validate_exports' checks."""
+    from dataclasses import asdict
+
+    from src.export.pipeline import export_and_validate
+
+    export_dir = Path(args.export_dir)
+    res = export_and_validate(model, cfg, export_dir, Path(args.output).stem,
+                              data=args.data if data is not None else None, checkpoint=checkpoint,
+                              validate=args.validate_exports, device=str(device))
+    for fmt, paths in res["exports"].items():
+        LOGGER.info(f"Exported {fmt}: {paths[0]}")
+    if res["validation"] is not None:
+        write_json({"exports": [asdict(r) for r in res["validation"]]}, export_dir / "validation.json")
+        if not res["passed"]:
+            failed = [f"{r.path}: {'; '.join(r.reasons)}" for r in res["validation"] if not r.passed]
+            raise QATError("export validation failed: " + " | ".join(failed))
+    return {k: [str(p) for p in v] for k, v in res["exports"].items()}
+
+
 def resume(args, overrides: dict) -> dict:
     """Continue the unfinished run in --save-dir from weights/last.pt."""
     from src.data.resolve import resolve_data
@@ -335,7 +361,7 @@ def resume(args, overrides: dict) -> dict:
     total = cfg.train_params.epochs + (cfg.qat_params.fine_tuning_epochs if cfg.qat_params.post_qat_fine_tuning else 0)
     if int(st["epoch"]) >= total:
         raise QATError(f"--resume: the run in {run_dir} already finished all {total} epochs; nothing to resume")
-    data_arg = ckpt.get("data") or args.data
+    data_arg = args.data or ckpt.get("data") or DEFAULT_DATA
     args.data = data_arg
     data = resolve_data(data_arg)
     device = select_device(args.device, cfg.train_params.device)

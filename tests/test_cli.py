@@ -80,9 +80,14 @@ def test_class_count_mismatch_says_to_finetune_in_fp32_first(tmp_path, tiny_data
     assert "80 classes" in out and "3" in out and "yolo train" in out
 
 
-def test_train_eval_offline_writes_every_output(tiny_dataset, tmp_path, socket_guard):
-    rc = main(_tiny_args(tiny_dataset, tmp_path, "--epochs", "1", "--eval"))
+def test_train_eval_export_offline_writes_every_output(tiny_dataset, tmp_path, socket_guard):
+    rc = main(_tiny_args(tiny_dataset, tmp_path, "--epochs", "1", "--eval", "--export", "--export-dir",
+                         str(tmp_path / "exported")))
     assert rc == 0
+    exported = tmp_path / "exported"
+    for f in ("onnx/quantized_model.onnx", "openvino/quantized_model.xml", "openvino/quantized_model.bin",
+              "openvino/metadata.yaml"):
+        assert (exported / f).exists(), f
     run = tmp_path / "qat"
     for f in ("quantized_model.pt", "weights/last.pt", "weights/best.pt", "results.csv", "metrics.json",
               "config.yaml", "placement.txt", "placement.json"):

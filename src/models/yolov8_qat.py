@@ -629,8 +629,16 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
             yield name, m
 
 
-def set_observers(model: nn.Module, enabled: bool, weights: bool = True, activations: bool = True) -> None:
+def set_observers(model: nn.Module, enabled: bool, weights: bool = True, activations: bool = True,
+                  histograms: bool = True) -> None:
+    """Switch observers on/off; ``histograms=False`` leaves histogram observers as they are.
+
+    Histogram range searches (percentile/MSE/entropy) are a calibration technique: the trainer keeps them frozen after
+    calibration and only lets min/max-style observers follow the weights and activations during QAT.
+    """
     for _, q in quantizers(model):
+        if not histograms and q.observer.kind == "histogram":
+            continue
         if (q.is_weight and weights) or (not q.is_weight and activations):
             q.enable_observer(enabled)
 

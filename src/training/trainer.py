@@ -179,7 +179,7 @@ class QATTrainer:
         qp = self.cfg.qat_params
         fine_tuning = epoch >= self.qat_epochs
         freeze_obs = fine_tuning or (qp.freeze_observers_epoch is not None and epoch >= qp.freeze_observers_epoch)
-        set_observers(self.model, not freeze_obs)
+        set_observers(self.model, not freeze_obs, histograms=False)
         self.model.train()
         freeze_bn = fine_tuning or (qp.freeze_bn_epoch is not None and epoch >= qp.freeze_bn_epoch)
         if freeze_bn:
