@@ -582,24 +582,46 @@ class MixedPrecisionConfig(_Section):
     budget_type: str = "avg_bits"
     budget: float = 6.0
     sensitivity_images: int = 64
+    # what the assignment minimises: "loss" (detection-loss change) or "sqnr" (output noise-to-signal power)
+    sensitivity_metric: str = "loss"
+    # sensitivity tables (and PTQ mAPs of measured assignments) per model+data+config hash; null = no cache
+    cache_dir: str | None = "models/checkpoints/sensitivity_cache"
+    # validate calibrated PTQ models for the Pareto plot: uniform max/min width and the chosen mix
+    measure_pareto: bool = True
+    # max_map_drop: halvings of the average-bits interval (each one PTQ validation)
+    search_steps: int = 4
 
     _LABEL: ClassVar[str] = "mixed_precision"
-    _CHOICES: ClassVar[dict] = {"budget_type": ("avg_bits", "weight_memory", "max_map_drop")}
+    _CHOICES: ClassVar[dict] = {"budget_type": ("avg_bits", "weight_memory", "max_map_drop"),
+                                "sensitivity_metric": ("loss", "sqnr")}
     _RANGES: ClassVar[dict] = {
-        "weight_bits": (2, 16, False, False),
+        "weight_bits": (2, 8, False, False),
         "activation_bits": (2, 16, False, False),
         "budget": (0.0, None, True, False),
         "sensitivity_images": (1, None, False, False),
+        "search_steps": (1, 12, False, False),
     }
 
     def _check_combination(self, path: str) -> None:
         for key in ("weight_bits", "activation_bits"):
             if not getattr(self, key):
                 raise ConfigError(f"{path}.{key}: empty list; give at least one candidate bit width, e.g. [8]")
+        if len(set(self.activation_bits)) > 1:
+            raise ConfigError(
+                f"{path}.activation_bits: {self.activation_bits} -- the budgets constrain weight memory, so one "
+                "activation width serves every layer; give a single value, e.g. [8]"
+            )
+        if len(set(self.weight_bits)) != len(self.weight_bits):
+            raise ConfigError(f"{path}.weight_bits: {self.weight_bits} lists a width twice; list each once")
         if self.budget_type == "avg_bits" and self.budget < min(self.weight_bits):
             raise ConfigError(
                 f"{path}.budget: an average of {self.budget:g} weight bits is below the smallest candidate "
                 f"{min(self.weight_bits)} in weight_bits; no assignment can meet it"
+            )
+        if self.budget_type == "weight_memory" and self.budget < min(self.weight_bits) / 8:
+            raise ConfigError(
+                f"{path}.budget: {self.budget:g} of the INT8 weight memory is below what the smallest candidate "
+                f"width {min(self.weight_bits)} gives ({min(self.weight_bits) / 8:g}); no assignment can meet it"
             )
 
 
@@ -620,8 +642,6 @@ class ExportConfig(_Section):
     _RANGES: ClassVar[dict] = {"opset": (13, None, False, False), "tolerance": (0.0, None, False, False)}
 
     def _check_combination(self, path: str) -> None:
-        if not self.formats:
-            raise ConfigError(f"{path}.formats: empty list; choose from {', '.join(EXPORT_FORMATS)}")
         dupes = sorted({f for f in self.formats if self.formats.count(f) > 1})
         if dupes:
             raise ConfigError(f"{path}.formats: {', '.join(dupes)} listed more than once")
@@ -655,6 +675,8 @@ class QATConfig(_Section):
         self._apply_tensorrt_rule()
         q = self.quantization
         bases = {"weight": q.weight, "activation": q.activation, "fake_quantize": q.fake_quantize}
+        self._check_exportable("quantization.weight", q.weight)
+        self._check_exportable("quantization.activation", q.activation)
         for i, entry in enumerate(self.layer_configs):
             for section, base in bases.items():
                 overrides = getattr(entry, section)
@@ -663,6 +685,22 @@ class QATConfig(_Section):
                     merged = type(base).from_dict({**base.to_dict(), **overrides}, where)
                     if section == "weight":
                         _check_weight_rules(merged, where)
+                    if section != "fake_quantize":
+                        self._check_exportable(where, merged)
+        if "tensorrt" in self.export.formats and self.export.dynamic:
+            raise ConfigError(
+                "export.dynamic: true cannot be combined with tensorrt in export.formats (the engine needs an "
+                "optimization profile for dynamic shapes); set dynamic: false or drop tensorrt"
+            )
+
+    def _check_exportable(self, where: str, quantizer: "QuantizerConfig") -> None:
+        """Every export format here stores int8 tensors (QDQ / TFLite int8): more than 8 bits cannot deploy."""
+        if quantizer.bit_width > 8 and self.export.formats:
+            raise ConfigError(
+                f"{where}.bit_width: {quantizer.bit_width} bits cannot be exported to "
+                f"{', '.join(self.export.formats)} (their INT8 tensors hold at most 8 bits); use bit_width <= 8, "
+                "or set export.formats: [] for a model that is only trained and evaluated"
+            )
 
     def _note(self, message: str, level: int = logging.INFO) -> None:
         LOGGER.log(level, message)

@@ -190,6 +190,8 @@ def run(args, overrides: dict) -> dict:
     data = resolve_data(args.data) if needs_data else None
     device = select_device(args.device, cfg.train_params.device)
     rank = init_distributed(device)
+    if data is not None:
+        data_report(cfg, data, train=train_requested, val=args.eval or args.validate_exports)
 
     if is_qat:
         ckpt = torch.load(resolved.path, map_location="cpu", weights_only=True)
@@ -269,6 +271,18 @@ def _variant_hint(args) -> str:
         return load_config(args.config).model.variant
     except QATError:
         return "n"
+
+
+def data_report(cfg, data: dict, *, train: bool, val: bool) -> dict:
+    """Check the splits this run reads before any model work; count what Ultralytics would drop."""
+    from src.training.data import check_split, hyperparameters
+
+    hyp = hyperparameters(cfg, mode="val")
+    report = {}
+    for split, needed in (("train", train), ("val", val)):
+        if needed:
+            report[split] = check_split(hyp, data, split)
+    return report
 
 
 def calibrate_stage(model, cfg, data, device) -> int:
@@ -358,6 +372,9 @@ def resume(args, overrides: dict) -> dict:
     if not st:
         raise QATError(f"--resume: {last} holds no training state")
     model, cfg = build_from_checkpoint(ckpt)
+    for key in ("train_params.batch_size", "train_params.img_size", "train_params.workers", "train_params.device"):
+        if key in overrides:  # e.g. a smaller batch after running out of memory; the recipe itself stays
+            setattr(cfg.train_params, key.split(".")[1], overrides[key])
     total = cfg.train_params.epochs + (cfg.qat_params.fine_tuning_epochs if cfg.qat_params.post_qat_fine_tuning else 0)
     if int(st["epoch"]) >= total:
         raise QATError(f"--resume: the run in {run_dir} already finished all {total} epochs; nothing to resume")

@@ -104,7 +104,7 @@ def test_no_suggestion_when_nothing_close():
         ({"quantization": {"weight": "int8"}}, "quantization.weight: expected a mapping, got str 'int8'"),
         ({"model": {"variant": "z"}}, "model.variant: 'z' is not a valid value; choose from n, s, m, l, x"),
         ({"export": {"formats": "onnx"}}, "export.formats: expected a list of a string, got str 'onnx'"),
-        ({"export": {"formats": []}}, "export.formats: empty list"),
+        ({"quantization": {"weight": {"bit_width": 12}}}, "quantization.weight.bit_width: 12 bits cannot be exported"),
         ({"export": {"opset": 11}}, "export.opset: 11 is out of range; allowed [13, inf]"),
         ({"qat_params": {"use_lsq": "yes"}}, "qat_params.use_lsq: expected true/false or null, got str 'yes'"),
         ({"qat_params": {"post_qat_fine_tuning": True, "fine_tuning_epochs": 0}},

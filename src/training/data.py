@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+LOGGER = logging.getLogger("yolov8_qat")
 
 def hyperparameters(cfg, imgsz: int | None = None, **overrides: Any):
     """Ultralytics' default hyperparameter namespace with this run's values (augmentation, loss gains, imgsz).
@@ -80,3 +82,56 @@ def preprocess_batch(batch: dict, device: torch.device) -> dict:
             batch[k] = v.to(device, non_blocking=device.type == "cuda")
     batch["img"] = batch["img"].float() / 255
     return batch
+
+
+def _count_images(paths) -> int:
+    """Image files a split names (directories searched recursively, .txt lists counted by line), as Ultralytics does."""
+    from pathlib import Path
+
+    from ultralytics.data.utils import IMG_FORMATS
+
+    n = 0
+    for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+        p = Path(p)
+        if p.is_dir():
+            n += sum(1 for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS)
+        elif p.is_file():
+            n += sum(1 for line in p.read_text().splitlines() if line.strip())
+    return n
+
+
+def check_split(hyp, data: dict, split: str) -> tuple[int, int]:
+    """Build a split's dataset once and report what Ultralytics dropped.
+
+    Ultralytics silently skips images whose label is out of range (class >= nc, coordinates outside [0, 1]) or whose
+    file does not decode, with one warning per file. This counts them for the run summary and fails when nothing
+    usable is left.
+
+    Returns:
+        (usable images, dropped images)
+
+    Raises:
+        DataError: the split has no usable image.
+    """
+    from ultralytics.data import build_yolo_dataset
+
+    from src.errors import DataError
+
+    total = _count_images(data[split])
+    try:
+        dataset = build_yolo_dataset(hyp, data[split], 1, data, mode="val", rect=False, stride=32)
+        usable = len(dataset.labels)
+    except (RuntimeError, FileNotFoundError) as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if "ignoring" in line), str(e).splitlines()[0])
+        reason = first.split("ignoring corrupt image/label:")[-1].strip()
+        raise DataError(
+            f"{split} split ({data[split]}): no usable images — all {total} were dropped as corrupt (first reason: "
+            f"{reason}). Fix the images/labels (class ids < nc={data['nc']}, coordinates normalized to [0, 1])."
+        ) from None
+    dropped = max(total - usable, 0)
+    if usable == 0:
+        raise DataError(f"{split} split ({data[split]}): no usable images (found {total}); check the paths and labels")
+    if dropped:
+        LOGGER.warning(f"{dropped} of {total} {split} images were dropped by Ultralytics as corrupt or mislabelled "
+                       "(see its warnings above)")
+    return usable, dropped

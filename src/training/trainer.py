@@ -217,6 +217,18 @@ class QATTrainer:
                 try:
                     losses = self._train_epoch(loader, epoch, nb, accumulate, warmup_iters)
                     break
+                except torch.cuda.OutOfMemoryError:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    self._restore(good_state)
+                    self._save_last()
+                    raise QATError(
+                        f"CUDA out of memory in epoch {epoch + 1} (batch {tp.batch_size}, {tp.img_size} px). Reduce "
+                        f"--batch-size (e.g. {max(tp.batch_size // 2, 1)}) or --img-size, then continue with "
+                        f"`python train_qat.py --resume --save-dir {self.save_dir}` (resumable checkpoint: "
+                        f"{self.weights_dir / 'last.pt'})"
+                    ) from None
                 except _NonFinite as e:
                     if attempt == MAX_NONFINITE_RETRIES:
                         raise TrainingDivergedError(
