@@ -216,8 +216,9 @@ def torch_map(model, data: str, imgsz: int, device: str, work: Path) -> tuple[fl
 def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
     """The first ``n`` validation images, letterboxed to ``imgsz`` as the validator does: (n, 3, h, w) float32 RGB."""
     import cv2
-    from ultralytics.data.augment import LetterBox
     from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+
+    from src.deploy import preprocess_image
 
     d = check_det_dataset(data)
     roots = d["val"] if isinstance(d["val"], list) else [d["val"]]
@@ -231,14 +232,7 @@ def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
     files = files[:n]
     if not files:
         raise ValidationInputError(f"--data {data}: no validation images found for the parity check")
-    box = LetterBox((imgsz, imgsz), auto=False)
-    batch = []
-    for f in files:
-        im = cv2.imread(str(f))
-        if im is None:
-            continue
-        im = box(image=im)[..., ::-1].transpose(2, 0, 1)
-        batch.append(np.ascontiguousarray(im, dtype=np.float32) / 255.0)
+    batch = [preprocess_image(im, imgsz)[0] for im in (cv2.imread(str(f)) for f in files) if im is not None]
     return np.stack(batch)
 
 
