@@ -295,3 +295,22 @@ def test_forward_backward_through_fake_quant(cfg):
     grads = [p.grad for n, p in m.named_parameters() if n.endswith("conv.weight") and p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) > 0 for g in grads) > 0.9 * len(grads)
+
+
+@pytest.mark.parametrize("preset", ["default", "sensitive", "tensorrt", "openvino", "w4a8"])
+def test_every_preset_prepares_calibrates_and_trains(preset):
+    cfg = load_config(CONFIG, qconfig=preset)
+    m = _model()
+    placement = prepare_qat_model(m, cfg)
+    calibrate(m, [torch.rand(2, 3, 64, 64)], 2, progress=False)
+    m.train()
+    out = m(torch.rand(2, 3, 64, 64))
+    sum(v.float().abs().mean() for v in out.values() if isinstance(v, torch.Tensor)).backward()
+    weights = {l.weight_bits for l in placement.layers if l.quantized}
+    assert weights == ({4} if preset == "w4a8" else {8})
+    lsq = [q for _, q in quantizers(m) if q.fq_type == "lsq"]
+    if preset == "sensitive":
+        assert lsq and all(q.scale.grad is not None for q in lsq)
+        # LSQ+ learned offsets only on asymmetric activations, never on weights
+        assert all(not isinstance(q.zero_point, nn.Parameter) for q in lsq if q.is_weight)
+        assert any(isinstance(q.zero_point, nn.Parameter) for q in lsq if not q.is_weight)

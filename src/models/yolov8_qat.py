@@ -506,7 +506,8 @@ def prepare_qat_model(
             wcfg.bit_width = int(override["weight_bits"])
         per_channel = wcfg.scheme == "per_channel"
         nch = _weight_channels(q.conv, wcfg.ch_axis, name) if per_channel else None
-        q.weight_quant = FakeQuantize(wcfg, rl.fake_quantize, is_weight=True, num_channels=nch, name=f"{name}.weight")
+        q.weight_quant = FakeQuantize(wcfg, _fq_config_for(rl.fake_quantize, wcfg, is_weight=True),
+                                      is_weight=True, num_channels=nch, name=f"{name}.weight")
         _set_submodule(model, name, q)
         qconvs[name] = q
         layers.append(LayerPlacement(name, alias, q.source, True, wcfg.bit_width, wcfg.scheme, params=params,
@@ -583,6 +584,17 @@ def prepare_qat_model(
     return placement
 
 
+def _fq_config_for(fq_cfg, qcfg, *, is_weight: bool):
+    """The fake-quantize settings one quantizer gets: a learned zero point (LSQ+) only where it means something,
+    i.e. LSQ on an asymmetric activation quantizer (weights are symmetric, zero point 0)."""
+    learn = bool(fq_cfg.learn_zero_point) and not is_weight and fq_cfg.learns_zero_point(qcfg)
+    if learn == bool(fq_cfg.learn_zero_point):
+        return fq_cfg
+    out = copy.deepcopy(fq_cfg)
+    out.learn_zero_point = learn
+    return out
+
+
 def _make_group(model, key, site_names, config_layer, resolved, blocks, cfg, bit_overrides):
     """Create the shared activation quantizer for one group (configured by its first producer) and describe it."""
     from src.quantization.qconfig import matchable_name, resolve_layer_qconfig
@@ -598,7 +610,8 @@ def _make_group(model, key, site_names, config_layer, resolved, blocks, cfg, bit
             f"{config_layer}: per-channel activation quantization is not deployable with shared concat scales; "
             "set quantization.activation.scheme: per_tensor"
         )
-    fq = FakeQuantize(acfg, rl.fake_quantize, is_weight=False, num_sites=len(site_names), name=f"act:{key}")
+    fq = FakeQuantize(acfg, _fq_config_for(rl.fake_quantize, acfg, is_weight=False), is_weight=False,
+                      num_sites=len(site_names), name=f"act:{key}")
     model.qat_quantizers[key] = fq
     return GroupPlacement(key, list(site_names), [], acfg.bit_width, fq.signed, acfg.symmetric, acfg.observer,
                           rl.fake_quantize.type, config_layer)
