@@ -85,17 +85,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, name: str = "") -> nn.Conv
         )
     except (RuntimeError, FusionError) as e:
         raise FusionError(f"cannot fuse {name or 'module'}: {e}. Run with --no-fuse to keep BatchNorm unfused.") from e
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    fused = _conv_like(conv, bias=True)
     with torch.no_grad():
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
@@ -104,23 +94,20 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, name: str = "") -> nn.Conv
     return fused
 
 
+def _conv_like(conv: nn.Conv2d, bias: bool) -> nn.Conv2d:
+    """An empty Conv2d with ``conv``'s geometry, device and dtype."""
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, bias=bias, padding_mode=conv.padding_mode).to(device=conv.weight.device,
+                                                                                dtype=conv.weight.dtype)
+
+
 def identity_bn_for(conv: nn.Conv2d) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     """Split a biased conv into a bias-free conv plus an eval-mode BN that adds the bias back exactly.
 
     Used by ``to_float`` to give Ultralytics back a ``Conv`` block (which always has ``bn``) from a folded conv.
     ``running_var = 1 - eps`` makes ``sqrt(var + eps) == 1`` so the BN is an exact shift by ``beta``.
     """
-    plain = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=False,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    plain = _conv_like(conv, bias=False)
     bn = nn.BatchNorm2d(conv.out_channels).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         plain.weight.copy_(conv.weight)
