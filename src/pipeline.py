@@ -25,10 +25,6 @@ LOGGER = logging.getLogger("yolov8_qat")
 DEFAULT_DATA = "coco.yaml"
 
 
-class NotImplementedYet(QATError):
-    """A documented flag whose capability has not landed yet."""
-
-
 # --------------------------------------------------------------------------------------------------------------------
 def select_device(requested: str | None, default: str = "cuda") -> torch.device:
     """Resolve --device. The default (cuda) falls back to CPU with a log line; a named GPU that is absent is an error.
@@ -143,21 +139,6 @@ def init_distributed(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def _check_unimplemented(args, cfg) -> None:
-    todo = []
-    if cfg.qat_params.use_distillation:
-        todo.append("--distillation / qat_params.use_distillation")
-    if cfg.qat_params.use_mixed_precision:
-        todo.append("--mixed-precision / qat_params.use_mixed_precision")
-    if args.analyze:
-        todo.append("--analyze")
-    if todo:
-        raise NotImplementedYet(
-            f"{', '.join(todo)}: not implemented yet in this version; run without "
-            f"{'it' if len(todo) == 1 else 'them'} (plain QAT, --eval and PTQ with --epochs 0 work)"
-        )
-
-
 def _check_classes(model, data: dict, model_desc: str) -> None:
     nc_model = int(model.yaml.get("nc", len(getattr(model, "names", {}) or {})))
     if nc_model != int(data["nc"]):
@@ -176,16 +157,16 @@ def run(args, overrides: dict) -> dict:
 
     summary: dict = {}
     save_dir = Path(args.save_dir)
+    mp = ptq_state = None
     if args.resume:
         return resume(args, overrides)
 
     resolved = resolve_model_path(args.model, _variant_hint(args))
     is_qat = resolved.kind == "qat_checkpoint"
     cfg = load_config(args.config, overrides, qconfig=args.qconfig)
-    _check_unimplemented(args, cfg)
     seed_everything(cfg.train_params.seed)  # model init (YAML), calibration sampling and training all follow it
     train_requested = (not is_qat) or args.epochs is not None
-    needs_data = train_requested or args.eval or args.validate_exports or args.data is not None
+    needs_data = train_requested or args.eval or args.validate_exports or args.analyze or args.data is not None
     args.data = args.data or DEFAULT_DATA
     data = resolve_data(args.data) if needs_data else None
     device = select_device(args.device, cfg.train_params.device)
@@ -216,17 +197,26 @@ def run(args, overrides: dict) -> dict:
                                                     device, out_dir, label=ckpt.get("stage", "qat"))
             if args.export or args.validate_exports:
                 summary["exports"] = export_stage(model, cfg, args, data, device, Path(resolved.path))
+            if args.analyze:
+                analysis_stage(model, cfg, args, data, device, out_dir, fp32_source, None, ckpt.get("stage", "qat"))
             return summary
         fp32_model = None
         if fp32_source and Path(fp32_source).exists():
             fp32_model = load_fp32_model(resolve_model_path(fp32_source, cfg.model.variant))
+        if cfg.qat_params.use_mixed_precision:
+            LOGGER.warning("--mixed-precision is ignored when fine-tuning a QAT checkpoint: its bit widths are kept")
     else:
         fp32_model = load_fp32_model(resolved, nc=data["nc"] if resolved.kind == "yaml" else None)
         fp32_source = str(resolved.path) if resolved.kind == "checkpoint" else None
         _check_classes(fp32_model, data, str(resolved.path))
         model = copy.deepcopy(fp32_model)
+        if cfg.qat_params.use_mixed_precision:
+            from src.quantization.mixed_precision import mixed_precision_stage
+
+            mp = mixed_precision_stage(fp32_model, cfg, data, str(args.data), device)
         t0 = time.time()
-        placement = prepare_qat_model(model, cfg, imgsz=64)
+        placement = prepare_qat_model(model, cfg, imgsz=64, bit_overrides=mp.bit_overrides if mp else None)
+        model.qat_bit_overrides = mp.bit_overrides if mp else {}
         LOGGER.info(f"Prepared model in {time.time() - t0:.1f}s: "
                     f"{sum(l.quantized for l in placement.layers)}/{len(placement.layers)} convs quantized, "
                     f"{len(placement.groups)} activation quantizers")
@@ -237,14 +227,18 @@ def run(args, overrides: dict) -> dict:
     (run_dir / "placement.txt").write_text(model.qat_placement.report() + "\n")
     write_json(model.qat_placement.to_dict(), run_dir / "placement.json")
     LOGGER.debug(model.qat_placement.report())
+    if mp:
+        mp.write(run_dir)
 
     if not is_qat:
         calibrate_stage(model, cfg, data, device)
+        if args.analyze and cfg.train_params.epochs > 0:  # the PTQ baseline of the report
+            ptq_state = copy.deepcopy(model.state_dict())
     stage = "ptq" if cfg.train_params.epochs == 0 else "qat"
     extra = {"fp32_source": fp32_source, "stage": stage, "data": str(args.data)}
     final = model
     if cfg.train_params.epochs > 0 or (cfg.qat_params.post_qat_fine_tuning and cfg.qat_params.fine_tuning_epochs):
-        final = train_stage(model, cfg, data, args, device, run_dir, extra)
+        final = train_stage(model, cfg, data, args, device, run_dir, extra, fp32_model=fp32_model)
     if rank >= 0:
         torch.distributed.destroy_process_group()
     if rank > 0:  # DDP helpers stop here; the main process saves, evaluates and exports
@@ -257,8 +251,18 @@ def run(args, overrides: dict) -> dict:
     summary["model"] = str(out_path)
     if args.eval:
         summary["metrics"] = evaluate_stage(final, fp32_model, args, cfg, data, device, run_dir, label=stage)
+        if mp and stage == "qat":
+            mp.add_point("mixed (chosen)", mp.assignment, summary["metrics"][stage]["map50_95"], "qat")
+            mp.write(run_dir)
     if args.export or args.validate_exports:
         summary["exports"] = export_stage(final, cfg, args, data, device, out_path)
+    if args.analyze:
+        ptq_model = None
+        if ptq_state is not None:
+            ptq_model = copy.deepcopy(final)
+            ptq_model.load_state_dict(ptq_state)
+        analysis_stage(final, cfg, args, data, device, run_dir, fp32_model, ptq_model, stage,
+                       mp.to_dict() if mp else None)
     LOGGER.info(f"Results saved to {run_dir}")
     summary["run_dir"] = str(run_dir)
     return summary
@@ -301,11 +305,16 @@ def calibrate_stage(model, cfg, data, device) -> int:
     return n
 
 
-def train_stage(model, cfg, data, args, device, run_dir: Path, extra: dict, resume_state: dict | None = None):
+def train_stage(model, cfg, data, args, device, run_dir: Path, extra: dict, resume_state: dict | None = None,
+                fp32_model=None):
     from src.training.trainer import QATTrainer
 
     trainer = QATTrainer(model, cfg, data, args.data, device, run_dir, Path(args.log_dir), args.output,
                          checkpoint_extra=extra)
+    if cfg.qat_params.use_distillation:  # before load_training_state: the adapters are an optimizer group
+        from src.training.distill import attach_distiller
+
+        attach_distiller(trainer, cfg, fp32_model, data)
     if resume_state is not None:
         trainer.load_training_state(resume_state)
     with graceful_stop(trainer):
@@ -315,6 +324,20 @@ def train_stage(model, cfg, data, args, device, run_dir: Path, extra: dict, resu
                        f"{run_dir / 'weights' / 'last.pt'}. Continue with: python train_qat.py --resume "
                        f"--save-dir {run_dir}")
     return final
+
+
+def analysis_stage(model, cfg, args, data, device, out_dir: Path, fp32_model, ptq_model, stage: str,
+                   mixed_precision: dict | None = None) -> dict:
+    """--analyze: the report under ``out_dir/analysis`` (FP32 / PTQ / QAT mAP, sizes, layer errors, latency)."""
+    from src.analysis.report import run_analysis
+    from src.data.resolve import load_fp32_model, resolve_model_path
+
+    if isinstance(fp32_model, str):
+        fp32_model = load_fp32_model(resolve_model_path(fp32_model, cfg.model.variant)) if Path(fp32_model).exists() \
+            else None
+    return run_analysis(model, cfg, out_dir, data=data, data_yaml=str(args.data), device=device,
+                        fp32_model=fp32_model, ptq_model=ptq_model, stage=stage, export_dir=Path(args.export_dir),
+                        log_dir=Path(args.log_dir), mixed_precision=mixed_precision)
 
 
 def evaluate_stage(model, fp32_model, args, cfg, data, device, out_dir: Path, label: str) -> dict:
@@ -384,7 +407,7 @@ def resume(args, overrides: dict) -> dict:
     device = select_device(args.device, cfg.train_params.device)
     rank = init_distributed(device)
     LOGGER.info(f"Resuming {run_dir} from epoch {int(st['epoch']) + 1}/{total}")
-    extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data") if k in ckpt}
+    extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data", "distill_adapters") if k in ckpt}
     final = train_stage(model, cfg, data, args, device, run_dir, extra, resume_state=st)
     if rank >= 0:
         torch.distributed.destroy_process_group()

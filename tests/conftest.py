@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.env import prepare_environment  # noqa: E402
 
 prepare_environment()
+
+# Tests run tiny tensors: one intra-op thread avoids OpenMP contention on the 2-core machines (5-50x slowdowns
+# seen when other jobs run), and subprocesses started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_CLASSES = ("circle", "square", "triangle")
 

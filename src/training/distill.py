@@ -130,8 +130,8 @@ def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
             raise DistillationError(
                 "self-distillation needs the FP32 source model, which this QAT checkpoint does not name "
                 "(fp32_source); pass --teacher-model <fp32 checkpoint trained on this dataset>")
-        teacher = copy.deepcopy(fp32_model)
-        desc = "the FP32 source model"
+        # the student's own source: its class set was checked when QAT started (a YAML model has generic names)
+        return freeze_teacher(copy.deepcopy(fp32_model).float())
     check_teacher_classes(teacher, data, desc)
     return freeze_teacher(teacher.float())
 

@@ -1,0 +1,96 @@
+"""Accuracy (FP32 / PTQ / QAT mAP) and exported-model latency for the analysis report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger("yolov8_qat")
+
+
+def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None, data: dict, device) -> nn.Module:
+    """The PTQ baseline of a configuration: the float model prepared the same way and calibrated (no training)."""
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.pipeline import calibrate_stage
+
+    m = copy.deepcopy(fp32_model)
+    prepare_qat_model(m, cfg, bit_overrides=bit_overrides or None)
+    m.qat_bit_overrides = bit_overrides or {}
+    calibrate_stage(m, cfg, data, device)
+    return m
+
+
+def collect_map(out_dir: Path, models: dict[str, nn.Module | None], data_yaml: str, cfg, device) -> dict[str, dict]:
+    """mAP50 / mAP50-95 per label ("fp32", "ptq", "qat"), reusing ``out_dir/metrics.json`` entries when present.
+
+    Args:
+        out_dir: Where metrics.json of this run (or checkpoint) lives.
+        models: label -> model to validate when metrics.json lacks that label (None: skip the label).
+        data_yaml: Data YAML for Ultralytics' validator.
+        cfg: Resolved config (img_size, batch_size).
+        device: Validation device.
+    """
+    from src.training.evaluate import evaluate
+
+    known: dict = {}
+    path = Path(out_dir) / "metrics.json"
+    if path.is_file():
+        try:
+            known = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            known = {}
+    out = {}
+    tp = cfg.train_params
+    for label, model in models.items():
+        if label in known and "map50_95" in known[label]:
+            out[label] = {"map50": known[label]["map50"], "map50_95": known[label]["map50_95"],
+                          "source": str(path)}
+        elif model is not None:
+            r = evaluate(model, data_yaml, imgsz=tp.img_size, batch=tp.batch_size, device=device)
+            out[label] = {"map50": r["map50"], "map50_95": r["map50_95"], "source": "validated now"}
+    return out
+
+
+def export_latency(export_dir: Path | None, imgsz: int, warmup: int = 3, rounds: int = 15) -> list[dict]:
+    """Median/IQR batch-1 latency of every export found under ``export_dir`` (empty when there are none).
+
+    Uses validate_exports' discovery and interleaved timing; threads = torch's intra-op thread count.
+    """
+    if export_dir is None or not Path(export_dir).is_dir():
+        return []
+    from src.export.validate import discover, measure_latency, runners_for
+
+    try:
+        targets = discover([str(export_dir)])
+    except Exception as err:  # an empty or foreign folder: nothing to time
+        LOGGER.info(f"analysis: no exports timed in {export_dir} ({err})")
+        return []
+    threads = torch.get_num_threads()
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    rows = []
+    for t in targets:
+        try:
+            variants = runners_for(t, threads)
+            times = measure_latency(variants, x, warmup, rounds)
+        except Exception as err:  # an export of another image size or a broken file: report, keep going
+            LOGGER.warning(f"analysis: could not time {t.path}: {err}")
+            rows.append({"path": str(t.path), "format": t.format, "error": str(err)})
+            continue
+        for variant, ts in times.items():
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            rows.append({"path": str(t.path), "format": t.format, "variant": variant, "threads": threads,
+                         "median_ms": round(statistics.median(ts), 3), "iqr_ms": round(q[2] - q[0], 3),
+                         "size_mb": round(Path(t.path).stat().st_size / 1e6 + _bin_size(t.path), 4)})
+    return rows
+
+
+def _bin_size(path) -> float:
+    b = Path(path).with_suffix(".bin")
+    return b.stat().st_size / 1e6 if Path(path).suffix == ".xml" and b.exists() else 0.0
