@@ -100,15 +100,32 @@ def _tensorrt(ctx: ExportContext) -> list[Path]:
 
 
 def _tflite_check(ctx: ExportContext) -> None:
-    raise QATError("tflite export not implemented yet; remove tflite from export.formats "
-                   "(onnx, openvino and tensorrt are available)")
+    from src.export.tflite_export import check_exportable
+
+    if ctx.opts.dynamic:
+        raise QATError("export.dynamic: true is not supported for TFLite (litert-torch traces one fixed input "
+                       "shape); set export.dynamic: false or remove tflite from export.formats")
+    check_exportable(ctx.model)
+
+
+def _tflite(ctx: ExportContext) -> list[Path]:
+    import json
+
+    from src.export.tflite_export import export_tflite
+
+    path, report = export_tflite(ctx.model, ctx.export_dir / "tflite" / f"{ctx.stem}.tflite", ctx.imgsz,
+                                 ctx.metadata)
+    LOGGER.info(f"TFLite ranges: {report.summary()}")
+    report_path = path.with_name(f"{ctx.stem}_tflite_ranges.json")
+    report_path.write_text(json.dumps(report.to_dict(), indent=1))
+    return [path, report_path]
 
 
 EXPORTERS: dict[str, Exporter] = {
     "onnx": Exporter("onnx", _onnx),
     "openvino": Exporter("openvino", _openvino),
     "tensorrt": Exporter("tensorrt", _tensorrt, _tensorrt_check),
-    "tflite": Exporter("tflite", lambda ctx: [], _tflite_check),
+    "tflite": Exporter("tflite", _tflite, _tflite_check),
 }
 
 

@@ -15,10 +15,13 @@ Route (the one Ultralytics' own LiteRT export takes, with the calibration step r
    layout change). A concatenation whose inputs all carry one quantizer carries it on its output too (TFLite
    requires concat inputs and output to share one scale, and the placement shares one quantizer there).
 
-Tensors no QAT quantizer covers keep a range from calibration (the conv output before SiLU, which TFLite splits
-into LOGISTIC + MUL, the head's final convs and the box/score decoding), or from an op constraint (LOGISTIC and
-SOFTMAX outputs are fixed at 1/256, and max-pool, resize, pad, slice, reshape and transpose take their input's).
-:class:`TFLiteReport` lists where every int8 tensor's range came from.
+Tensors no QAT quantizer covers keep a range from calibration (min/max over the calibration images: the head's
+final convs and the box/score decoding), or from an op constraint (LOGISTIC and SOFTMAX outputs are fixed at
+1/256; max-pool, resize, pad, slice, reshape and transpose take their input's). TFLite has no fused SiLU: it runs
+conv -> int8 -> LOGISTIC -> MUL, so each conv output before SiLU is one more int8 tensor; its top is fitted to the
+QAT grid after SiLU (see :func:`pre_silu_range`) and its bottom calibrated. Those two extra roundings per conv are
+the only numerical difference from the fake-quant model. :class:`TFLiteReport` lists where every int8 tensor's
+range came from; :func:`lsb_error` measures the agreement.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ SIGNATURE = "serving_default"
 MATCH_TOLERANCE_STEPS = 0.05
 WEIGHT_OPS = {"CONV_2D": (0, 2, 3, 1), "DEPTHWISE_CONV_2D": (1, 2, 3, 0)}  # torch OIHW -> TFLite layout
 CONCAT_OPS = {"CONCATENATION"}
+# ops whose int8 output TFLite gives its input's scale and zero point
+SAME_AS_INPUT_OPS = {"MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "PAD", "PADV2", "RESHAPE", "TRANSPOSE", "SPLIT",
+                     "SPLIT_V", "STRIDED_SLICE", "SLICE", "GATHER", "SQUEEZE", "EXPAND_DIMS"}
 SOURCES = ("qat", "constraint", "calibration")
+TFLITE_WEIGHT_QMAX = 127
 
 
 class TFLiteExportError(QATError):
@@ -65,6 +72,7 @@ class TensorRange:
     detail: str
     scale: list[float]
     zero_point: list[int]
+    quantizer: str | None = None  # the QAT activation quantizer whose grid this tensor carries
 
 
 @dataclass
@@ -116,7 +124,6 @@ class WeightQuant:
     name: str
     weight: torch.Tensor  # fake-quantized values, OIHW
     scale: torch.Tensor  # (out_channels,) float32
-    qmax: int
 
 
 @dataclass
@@ -157,8 +164,8 @@ def _activation_quantizers(model: nn.Module) -> dict[int, ActivationQuant]:
     """Every enabled activation FakeQuantize (by module id), described by its integer grid."""
     from src.quantization.fake_quantize import FakeQuantize
 
-    keys = {id(q): k for k, q in getattr(model, "qat_quantizers", {}).items()} if hasattr(model, "qat_quantizers") \
-        else {}
+    keys = {id(q): k for m in model.modules() if isinstance(getattr(m, "qat_quantizers", None), nn.ModuleDict)
+            for k, q in m.qat_quantizers.items()}
     out: dict[int, ActivationQuant] = {}
     for name, q in model.named_modules():
         if not isinstance(q, FakeQuantize) or q.is_weight or not bool(q.fake_quant_enabled):
@@ -182,6 +189,9 @@ def _bake_weights(model: nn.Module) -> list[WeightQuant]:
         if not isinstance(m, QuantConv) or m.weight_quant is None or not bool(m.weight_quant.fake_quant_enabled):
             continue
         q = m.weight_quant
+        if q.bit_width > 8:
+            raise TFLiteExportError(f"{name}: {q.bit_width}-bit weights do not fit int8 TFLite; use at most 8 bits "
+                                    "(quantization.weight.bit_width) or export onnx/openvino instead")
         if q.per_channel and q.ch_axis % m.conv.weight.dim() != 0:
             raise TFLiteExportError(f"{name}: TFLite quantizes conv weights per output channel; this weight is "
                                     f"quantized on axis {q.ch_axis}; set quantization.weight.ch_axis: 0")
@@ -190,7 +200,7 @@ def _bake_weights(model: nn.Module) -> list[WeightQuant]:
         scale = scale.expand(w.shape[0]).clone() if scale.numel() == 1 else scale
         m.conv.weight.copy_(w)
         q.enable_fake_quant(False)
-        out.append(WeightQuant(name, w.detach().clone(), scale, q.qmax))
+        out.append(WeightQuant(name, w.detach().clone(), scale))
     return out
 
 
@@ -209,17 +219,30 @@ def _strip_quantizers(model: nn.Module) -> None:
             del m.qat_quantizers
 
 
-def _export_copy(model: nn.Module, imgsz: tuple[int, int], metadata: dict | None) -> nn.Module:
-    """Deep copy in export form; detection outputs get input-relative coordinates, as Ultralytics' LiteRT export."""
+def _export_copy(model: nn.Module, imgsz: tuple[int, int]) -> tuple[nn.Module, nn.Module]:
+    """Deep copy in export form, and the module to convert.
+
+    For a Detect model that is a wrapper making box coordinates input-relative, as Ultralytics' LiteRT export does:
+    its ``LiteRTBackend`` always multiplies them back by the image size, and one int8 grid then serves boxes and
+    scores alike.
+    """
+    from ultralytics.nn.modules import Detect
+
     from src.export.onnx_qdq import prepare_for_export
 
     m = prepare_for_export(model, False, "litert")
-    meta = metadata or {}
-    if meta.get("task") == "detect" and not meta.get("end2end", False):
-        from ultralytics.utils.export.engine import _NormalizeCoords
+    head = next((h for h in m.modules() if isinstance(h, Detect)), None)
+    if head is None or getattr(m, "end2end", False):
+        return m, m
+    from ultralytics.utils.export.engine import _NormalizeCoords
 
-        m = _NormalizeCoords(m, imgsz[0], imgsz[1], "detect", len(meta.get("names", {})), None).eval()
-    return m
+    return m, _NormalizeCoords(m, imgsz[0], imgsz[1], "detect", int(head.nc), None).eval()
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse early what the int8 TFLite route cannot carry exactly (missing packages, non-8-bit activations)."""
+    _require_litert()
+    _activation_quantizers(model)
 
 
 class _QuantizerInputs:
@@ -244,13 +267,14 @@ class _QuantizerInputs:
 # --------------------------------------------------------------------------------------------------------------------
 # The TFLite side
 # --------------------------------------------------------------------------------------------------------------------
-def _interpreter(path_or_bytes, preserve: bool = False):
+def _interpreter(path_or_bytes, preserve: bool = False, reference_kernels: bool = False):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     kw = {"model_path": str(path_or_bytes)} if isinstance(path_or_bytes, (str, Path)) else \
         {"model_content": path_or_bytes}
     # intermediate tensors are only kept outside delegates: preserving them means running the builtin kernels
-    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if preserve else OpResolverType.AUTO
+    plain = preserve or reference_kernels
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if plain else OpResolverType.AUTO
     it = Interpreter(**kw, num_threads=1, experimental_preserve_all_tensors=preserve,
                      experimental_op_resolver_type=resolver)
     it.allocate_tensors()
@@ -278,53 +302,140 @@ def _graph(it) -> tuple[dict[int, dict], list[dict]]:
     return tensors, it._get_ops_details()
 
 
-def _as_tflite_layout(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray | None:
-    """``t`` in the layout of a TFLite tensor of ``shape`` (same, or NCHW -> NHWC), or None when neither fits."""
-    if tuple(t.shape) == shape:
-        return t.numpy()
+def _as_tflite_layouts(t: torch.Tensor, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """``t`` in each layout a TFLite tensor of ``shape`` may hold it in (as is, or NCHW -> NHWC; both when C=H=W)."""
+    out = [t.numpy()] if tuple(t.shape) == shape else []
     if t.dim() == 4 and tuple(t.permute(0, 2, 3, 1).shape) == shape:
-        return t.permute(0, 2, 3, 1).numpy()
-    return None
+        out.append(t.permute(0, 2, 3, 1).numpy())
+    return out
 
 
 def _match_activations(it, seen: list[tuple[ActivationQuant, torch.Tensor]]) -> dict[str, ActivationQuant]:
-    """TFLite tensor name -> the quantizer whose input it equals (within MATCH_TOLERANCE_STEPS of a step)."""
+    """TFLite tensor name -> the quantizer whose input it equals (within MATCH_TOLERANCE_STEPS of a step).
+
+    A TFLite tensor close to several quantizer inputs takes the closest; when a quantizer with another grid is
+    about as close, the values cannot tell them apart and the export stops rather than guess.
+    """
     tensors, _ = _graph(it)
-    values = {}
+    candidates: dict[str, list[tuple[float, ActivationQuant]]] = {}
     for idx, d in tensors.items():
         if d["dtype"] != np.float32:
             continue
         try:
-            values[d["name"]] = it.get_tensor(idx)
-        except ValueError:  # tensors freed by the runtime
+            v = it.get_tensor(idx)
+        except ValueError:  # a tensor the runtime did not keep
             continue
-    out: dict[str, ActivationQuant] = {}
-    for aq, t in seen:
-        tol = MATCH_TOLERANCE_STEPS * aq.scale
-        for name, v in values.items():
-            ref = _as_tflite_layout(t, tuple(v.shape))
-            if ref is None or float(np.abs(v - ref).max()) >= tol:
+        for aq, t in seen:
+            refs = _as_tflite_layouts(t, tuple(v.shape))
+            if not refs:
                 continue
-            if name in out and out[name].key != aq.key:
-                raise TFLiteExportError(f"TFLite tensor {name} equals the inputs of two quantizers "
-                                        f"({out[name].key}, {aq.key}); export from a calibrated/trained model")
-            out[name] = aq
+            err = min(float(np.abs(v - ref).max()) for ref in refs) / aq.scale
+            if err < MATCH_TOLERANCE_STEPS:
+                candidates.setdefault(d["name"], []).append((err, aq))
+    out: dict[str, ActivationQuant] = {}
+    for name, cands in candidates.items():
+        cands.sort(key=lambda c: c[0])
+        best_err, best = cands[0]
+        rival = next((c for c in cands[1:] if (c[1].scale, c[1].zero_point) != (best.scale, best.zero_point)), None)
+        if rival is not None and rival[0] <= 2 * best_err + 1e-6:
+            raise TFLiteExportError(
+                f"TFLite tensor {name} matches the inputs of quantizers {best.key} and {rival[1].key} equally well "
+                f"({best_err:.2g} vs {rival[0]:.2g} steps): the activations are too small to tell apart (scale "
+                f"{best.scale:.3g}); export a calibrated or trained model, not a random-init one")
+        out[name] = best
     return out
 
 
-def _propagate_concat(it, acts: dict[str, ActivationQuant]) -> dict[str, tuple[ActivationQuant, str]]:
-    """Concat outputs whose inputs all carry one quantizer carry it too (TFLite concat shares one scale)."""
+def _propagate(it, acts: dict[str, ActivationQuant]) -> tuple[dict, dict]:
+    """Carry quantizers through ops that keep their input's grid, and onto concatenations of one quantizer.
+
+    Returns:
+        (concat outputs: name -> (quantizer, detail), whose ranges must be written because TFLite gives a concat's
+        inputs its output's grid; pass-through outputs: name -> quantizer, which the op constraint sets itself).
+    """
     tensors, ops = _graph(it)
+    name = lambda i: tensors[i]["name"]  # noqa: E731
+    carried = dict(acts)
+    concat, passthrough = {}, {}
+    for op in ops:  # execution order, so inputs are settled before their consumers
+        ins = [name(i) for i in op["inputs"] if i >= 0]
+        if op["op_name"] in SAME_AS_INPUT_OPS and ins and ins[0] in carried:
+            for o in op["outputs"]:
+                if name(o) not in carried:
+                    passthrough[name(o)] = carried[name(o)] = carried[ins[0]]
+        elif op["op_name"] in CONCAT_OPS and all(n in carried for n in ins):
+            keys = {carried[n].key for n in ins}
+            out = name(op["outputs"][0])
+            if len(keys) == 1 and out not in carried:
+                concat[out] = (carried[ins[0]], f"concat of {keys.pop()} inputs")
+                carried[out] = carried[ins[0]]
+    return concat, passthrough
+
+
+def _silu(x: float) -> float:
+    return x / (1.0 + np.exp(-x))
+
+
+def _bisect(f, lo: float, hi: float) -> float:
+    """Root of an increasing ``f`` on [lo, hi] (f(lo) <= 0 <= f(hi)), to float64 resolution."""
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return hi
+
+
+SILU_ARGMIN, SILU_MIN = -1.2784645427610738, -0.2784645427610738
+
+
+def pre_silu_range(aq: ActivationQuant, calibrated_min: float) -> tuple[float, float] | None:
+    """The range of a conv output that feeds SiLU (LOGISTIC + MUL in TFLite) onto the grid of ``aq``.
+
+    Its top is where SiLU reaches the grid's top: anything above clamps there in both models, and a calibrated top
+    can stop short of it (the QAT grid then loses its top codes) or overshoot it (a coarser grid for nothing). Its
+    bottom is the calibrated minimum, but no lower than where SiLU's left tail is within half a step of 0: below
+    that, clipping moves the result by under half a step and a lower bottom would only coarsen the grid.
+    """
+    lo, hi = (float(v) for v in aq.min_max())
+    if hi <= 0:
+        return None
+    top = _bisect(lambda x: _silu(x) - hi, 0.0, hi + 40.0)
+    half = 0.5 * float(np.float32(aq.scale))
+    tail = SILU_ARGMIN if half >= -SILU_MIN else _bisect(lambda x: -_silu(x) - half, -100.0, SILU_ARGMIN)
+    return min(max(calibrated_min, tail), 0.0), top
+
+
+def _silu_inputs(it, acts: dict[str, ActivationQuant]) -> dict[str, ActivationQuant]:
+    """Tensor name -> quantizer, for each tensor x in MUL(x, LOGISTIC(x)) whose output carries a QAT grid."""
+    tensors, ops = _graph(it)
+    logistic_of = {op["outputs"][0]: op["inputs"][0] for op in ops if op["op_name"] == "LOGISTIC"}
     out = {}
     for op in ops:
-        if op["op_name"] not in CONCAT_OPS:
+        if op["op_name"] != "MUL" or len(op["inputs"]) != 2:
             continue
-        keys = {acts[tensors[i]["name"]].key if tensors[i]["name"] in acts else None for i in op["inputs"]}
-        if len(keys) == 1 and None not in keys:
-            name = tensors[op["outputs"][0]]["name"]
-            out[name] = (acts[tensors[op["inputs"][0]]["name"]], "concat of " + keys.pop())
-            acts[name] = out[name][0]
+        a, b = op["inputs"]
+        x = next((t for t, sig in ((a, b), (b, a)) if logistic_of.get(sig) == t), None)
+        y = tensors[op["outputs"][0]]["name"]
+        if x is not None and y in acts:
+            out[tensors[x]["name"]] = acts[y]
     return out
+
+
+def _min_max_update(qsv: dict, new: dict) -> dict:
+    """Running min/max (the quantizer's default, a moving average, clips the extremes of its own calibration set)."""
+    if not qsv:
+        return new
+    return {**new, "min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"])}
+
+
+def _calibrate(qt, float_path: Path, images: list[torch.Tensor]) -> dict:
+    """Ranges of every tensor over the calibration images (min/max), for the tensors no QAT quantizer covers."""
+    from ai_edge_quantizer import calibrator
+
+    cal = calibrator.Calibrator(str(float_path), num_threads=1, qsv_update_func=_min_max_update)
+    # Quantizer.calibrate (ai-edge-quantizer 0.10.0) cannot take an update rule; its recipe manager is what it
+    # would pass here itself.
+    cal.calibrate({SIGNATURE: [{"args_0": im.numpy()} for im in images]}, qt._recipe_manager)
+    return cal.get_model_qsvs()
 
 
 def _match_weights(it, weights: list[WeightQuant]) -> dict[str, tuple[WeightQuant, int]]:
@@ -348,7 +459,9 @@ def _match_weights(it, weights: list[WeightQuant]) -> dict[str, tuple[WeightQuan
 def _weight_qsv(wq: WeightQuant, dim: int, ndim: int) -> dict[str, np.ndarray]:
     shape = [1] * ndim
     shape[dim] = -1
-    bound = wq.qmax * wq.scale.double().numpy().reshape(shape)  # qmax*s/qmax gives back s exactly in float64
+    # TFLite's int8 weight grid is [-127, 127] whatever our bit width (sub-8-bit codes just use fewer of its
+    # levels): 127 * s / 127 gives back exactly s in float64
+    bound = TFLITE_WEIGHT_QMAX * wq.scale.double().numpy().reshape(shape)
     return {"min": -bound, "max": bound}
 
 
@@ -385,8 +498,8 @@ def export_tflite(
         path: Output ``.tflite`` file (parent folders are created).
         imgsz: Input size (int or (h, w)).
         metadata: Ultralytics-style metadata (``src.export.metadata.build_metadata``), embedded as the
-            ``metadata.json`` zip entry ``LiteRTBackend`` reads; with ``task: detect`` box coordinates are exported
-            relative to the image size, as Ultralytics' own LiteRT export does.
+            ``metadata.json`` zip entry ``LiteRTBackend`` reads. Detect models output input-relative box
+            coordinates either way, as Ultralytics' own LiteRT export does.
         calibration_images: NCHW float images in [0, 1] (a tensor or an iterable of batches) for the tensors no QAT
             quantizer covers; default: 8 scenes from the synthetic-set generator.
 
@@ -409,9 +522,9 @@ def export_tflite(
         raise TFLiteExportError(f"calibration_images must be NCHW float images of size {h}x{w}, got "
                                 f"{tuple(images[0].shape) if images else 'none'}")
 
-    m = _export_copy(model, (h, w), metadata)
+    inner, m = _export_copy(model, (h, w))
     quantizers = _activation_quantizers(m)
-    weights = _bake_weights(m)
+    weights = _bake_weights(inner)  # named as in the QAT model
     for q in m.modules():  # float values everywhere; the pre-hooks still see what enters each quantizer
         if id(q) in quantizers:
             q.enable_fake_quant(False)
@@ -429,7 +542,7 @@ def export_tflite(
             torch.set_num_threads(threads)
         it, _ = run_tflite(float_path, images[0].numpy(), preserve=True)
         acts = _match_activations(it, rec.seen)
-        via_concat = _propagate_concat(it, acts)
+        via_concat, passthrough = _propagate(it, acts)
         wmatch = _match_weights(it, weights)
         _check_coverage(quantizers, acts, weights, wmatch)
         float_size = float_path.stat().st_size
@@ -439,8 +552,14 @@ def export_tflite(
         for op in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):  # float graph I/O
             qt.update_quantization_recipe(regex=".*", operation_name=op,
                                           algorithm_key=recipe.AlgorithmName.NO_QUANTIZE)
-        result = qt.calibrate({SIGNATURE: [{"args_0": im.numpy()} for im in images]}, num_threads=1)
-        for name, aq in acts.items():
+        result = _calibrate(qt, float_path, images)
+        pre_silu = {}
+        for name, aq in _silu_inputs(it, acts).items():
+            rng = pre_silu_range(aq, float(np.min(result[name]["min"])))
+            if rng is not None:
+                pre_silu[name] = aq
+                result[name] = {"min": np.array(rng[0]), "max": np.array(rng[1])}
+        for name, aq in {**acts, **{n: aq for n, (aq, _) in via_concat.items()}}.items():
             lo, hi = aq.min_max()
             result[name] = {"min": lo, "max": hi}
         tensors, _ = _graph(it)
@@ -452,7 +571,7 @@ def export_tflite(
     if metadata:
         with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("metadata.json", json.dumps(metadata))
-    report = _report(path, acts, via_concat, wmatch)
+    report = _report(path, acts, via_concat, passthrough, pre_silu, wmatch)
     report.float_size_bytes, report.int8_size_bytes = float_size, path.stat().st_size
     report.seconds, report.calibration_images = time.perf_counter() - t0, len(images)
     LOGGER.info(f"TFLite: {report.summary()}")
@@ -480,47 +599,117 @@ def _qparams(d: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(p["scales"], dtype=np.float32), np.asarray(p["zero_points"], dtype=np.int64)
 
 
-def _report(path: Path, acts, via_concat, wmatch) -> TFLiteReport:
-    """Classify every int8 tensor of the written model by where its range came from."""
-    it = _interpreter(path)
+def _report(path: Path, acts, via_concat, passthrough, pre_silu, wmatch) -> TFLiteReport:
+    """Classify every int8 tensor of the written model by where its range came from.
+
+    The quantized model keeps the float model's tensor names (both come from the same flatbuffer), so the
+    value-based matches made on the float model carry over by those names.
+    """
+    it = _interpreter(path, reference_kernels=True)
     tensors, ops = _graph(it)
-    producer = {o: op["op_name"] for op in ops for o in op["outputs"]}
-    consumers: dict[int, list[str]] = {}
-    for op in ops:
-        for i in op["inputs"]:
-            consumers.setdefault(i, []).append(op["op_name"])
-    by_key = {}
-    for aq in acts.values():
-        by_key.setdefault((np.float32(aq.scale), aq.tflite_zero_point()), aq.key)
+    producer = {o: op for op in ops for o in op["outputs"]}
+    weight_inputs = {op["inputs"][1] for op in ops if op["op_name"] in WEIGHT_OPS}
     report = TFLiteReport(str(path))
     for idx, d in tensors.items():
-        if d["dtype"] == np.int32 and len(_qparams(d)[0]):
-            report.int32_biases += 1
-        if d["dtype"] != np.int8:
-            continue
         s, z = _qparams(d)
-        name = d["name"]
+        if d["dtype"] == np.int32 and len(s):
+            report.int32_biases += 1
+        if d["dtype"] != np.int8 or not len(s):  # unquantized int8 tensors are the runtime's scratch buffers
+            continue
+        name, op = d["name"], producer.get(idx)
+        op_name = op["op_name"] if op else "constant"
+        src = tensors[op["inputs"][0]]["name"] if op and op_name == "QUANTIZE" else None
+        key = None
         if name in wmatch:
-            t = TensorRange(name, "weight", "qat", wmatch[name][0].name, s.tolist(), z.tolist())
-        elif any(c in WEIGHT_OPS for c in consumers.get(idx, [])) and idx not in producer:
-            t = TensorRange(name, "weight", "calibration", "weight min/max (layer not quantized in QAT)",
-                            s.tolist(), z.tolist())
+            kind, source, detail = "weight", "qat", f"weight of {wmatch[name][0].name}"
+        elif idx in weight_inputs:
+            kind, source, detail = "weight", "calibration", "weight min/max (layer not quantized in QAT)"
+        elif name in via_concat:
+            key = via_concat[name][0].key
+            kind, source, detail = "activation", "qat", via_concat[name][1]
         elif name in acts:
-            detail = via_concat[name][1] if name in via_concat else f"input of quantizer {acts[name].key}"
-            t = TensorRange(name, "activation", "qat", detail, s.tolist(), z.tolist())
+            key = acts[name].key
+            kind, source, detail = "activation", "qat", f"input of quantizer {key}"
+        elif src in acts:  # the float graph input, quantized on entry
+            key = acts[src].key
+            kind, source, detail = "activation", "qat", f"input of quantizer {key} (QUANTIZE)"
+        elif name in pre_silu:
+            kind, source, detail = "activation", "calibration", \
+                f"pre-SiLU conv output: calibrated bottom, top where SiLU reaches {pre_silu[name].key}'s top"
+        elif name in passthrough:
+            key = passthrough[name].key
+            kind, source, detail = "activation", "constraint", f"{op_name} output: its input's grid ({key})"
+        elif op_name in ("LOGISTIC", "SOFTMAX"):
+            kind, source, detail = "activation", "constraint", f"{op_name} output (fixed scale 1/256)"
+        elif op_name in SAME_AS_INPUT_OPS:
+            kind, source, detail = "activation", "constraint", f"{op_name} output: its input's grid"
+        elif op_name == "constant":
+            kind, source, detail = "activation", "calibration", "constant: range of its own values"
         else:
-            op = producer.get(idx, "graph input")
-            if op in ("LOGISTIC", "SOFTMAX"):
-                source, detail = "constraint", f"{op} output (fixed 1/256)"
-            elif op in ("QUANTIZE",) or op == "graph input":
-                source, detail = "calibration", f"{op} output"
-            else:
-                key = by_key.get((np.float32(s[0]), int(z[0]))) if len(s) == 1 else None
-                constrained = op in ("MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "PAD", "PADV2", "RESHAPE",
-                                     "TRANSPOSE", "SPLIT", "SPLIT_V", "STRIDED_SLICE", "SLICE", "GATHER",
-                                     "CONCATENATION")
-                source = "constraint" if constrained else "calibration"
-                detail = f"{op} output" + (f" (same grid as QAT quantizer {key})" if key else "")
-            t = TensorRange(name, "activation", source, detail, s.tolist(), z.tolist())
-        report.tensors.append(t)
+            kind, source, detail = "activation", "calibration", f"{op_name} output"
+        report.tensors.append(TensorRange(name, kind, source, detail, s.tolist(), z.tolist(), key))
     return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Agreement with the fake-quant model
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LSBError:
+    """TFLite vs the PyTorch fake-quant model on the same images, in steps of the TFLite tensor's own scale."""
+
+    output_max: float
+    output_mean: float
+    output_scale: float
+    qat_tensor_max: float  # over every tensor carrying a QAT grid
+    qat_tensor_equal: float  # fraction of those tensors' codes equal to the fake-quant codes
+
+
+@torch.no_grad()
+def lsb_error(model: nn.Module, path: str | Path, images: torch.Tensor, report: TFLiteReport) -> LSBError:
+    """Compare the written model with the fake-quant model, at the output and at every QAT-grid tensor.
+
+    A quantizer with several producer sites has several TFLite tensors; each is compared with the same-shaped site
+    output it is closest to.
+    """
+    h, w = images.shape[2:]
+    _, ref_model = _export_copy(model, (h, w))
+    quantizers = _activation_quantizers(ref_model)
+    by_key = {}
+    for t in report.tensors:
+        if t.source == "qat" and t.quantizer:
+            by_key.setdefault(t.quantizer, []).append(t.name)
+    out_err, tensor_err, equal, total, out_scale = [], [], 0, 0, 1.0
+    for im in images:
+        x = im[None].float()
+        seen: list[tuple[ActivationQuant, torch.Tensor]] = []
+        handles = [q.register_forward_hook(lambda mod, a, y, aq=quantizers[id(q)]: seen.append((aq, y)))
+                   for q in ref_model.modules() if id(q) in quantizers]
+        try:
+            ref = ref_model(x)
+        finally:
+            for hd in handles:
+                hd.remove()
+        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+        it, outs = run_tflite(path, x.numpy(), preserve=True)
+        tensors = {d["name"]: d for d in it.get_tensor_details()}
+        out_d = next(d for d in it.get_output_details())
+        deq = [op for op in it._get_ops_details() if op["op_name"] == "DEQUANTIZE" and out_d["index"] in op["outputs"]]
+        if deq:
+            out_scale = float(_qparams(it.get_tensor_details()[deq[0]["inputs"][0]])[0][0])
+        out_err.append(np.abs(outs[0] - ref.numpy()) / out_scale)
+        for aq, y in seen:
+            ref_codes = torch.round(y / aq.scale).long() + aq.tflite_zero_point()
+            best = None
+            for name in by_key.get(aq.key, []):
+                codes = torch.from_numpy(it.get_tensor(tensors[name]["index"]).astype(np.int64))
+                for r in _as_tflite_layouts(ref_codes, tuple(codes.shape)):
+                    diff = (codes - torch.from_numpy(r)).abs()
+                    if best is None or int(diff.max()) < int(best.max()):
+                        best = diff
+            if best is not None:
+                tensor_err.append(int(best.max()))
+                equal, total = equal + int((best == 0).sum()), total + best.numel()
+    out = np.concatenate([e.ravel() for e in out_err])
+    return LSBError(float(out.max()), float(out.mean()), out_scale, float(max(tensor_err, default=0)),
+                    equal / max(total, 1))
