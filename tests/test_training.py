@@ -134,3 +134,18 @@ def test_finetune_qat_checkpoint_keeps_placement_and_ranges(tiny_dataset, tmp_pa
     assert frozen and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in frozen)
     assert not torch.equal(a["state_dict"]["model.2.cv1.conv.weight"], b["state_dict"]["model.2.cv1.conv.weight"])
     assert b["config"]["train_params"]["lr"] == 0.0001
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_lr_schedule_matches_ultralytics(scheduler):
+    """Same recipe as `yolo train` so comparisons with Ultralytics' own QAT are fair."""
+    from ultralytics.utils.torch_utils import one_cycle
+
+    from src.training.trainer import lr_factor
+
+    cfg = load_config("configs/qat_config.yaml", {"train_params.lr_scheduler": scheduler})
+    for epochs in (1, 2, 5):
+        ul = one_cycle(1, 0.01, epochs) if scheduler == "cosine" else (lambda x: (1 - x / epochs) * 0.99 + 0.01)
+        for e in range(epochs):
+            assert lr_factor(cfg, e, epochs) == pytest.approx(ul(e), abs=1e-12)
+    assert lr_factor(cfg, 1, 2) == pytest.approx(0.505 if scheduler == "cosine" else 0.505)

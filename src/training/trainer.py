@@ -101,10 +101,10 @@ def nominal_batch(cfg) -> int:
 
 
 def lr_factor(cfg, epoch: int, epochs: int, lrf: float = 0.01) -> float:
-    """Per-epoch lr multiplier: cosine or linear decay from 1 to ``lrf`` (Ultralytics' one_cycle / linear)."""
-    if epochs <= 1:
-        return 1.0
-    t = epoch / (epochs - 1)
+    """Per-epoch lr multiplier, exactly Ultralytics' schedules: cosine (one_cycle) or linear from 1 towards ``lrf``
+    over ``epochs`` (epoch ``epochs - 1`` is the last one run, so the floor itself is never reached — with the default
+    2 epochs the second runs at about half the lr, as ``yolo train`` would)."""
+    t = epoch / max(epochs, 1)
     if cfg.train_params.lr_scheduler == "cosine":
         return ((1 - math.cos(t * math.pi)) / 2) * (lrf - 1) + 1
     return (1 - t) * (1.0 - lrf) + lrf
