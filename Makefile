@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo install clean-venv bench
 
 install: $(STAMP)
 
@@ -22,6 +22,20 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# The comparison against Ultralytics' own PTQ (NNCF) and QAT (ModelOpt): their packages on top of the normal install.
+# The FP32 start model comes from `make demo` (or scripts/train_fp32.py). Quick variant:
+#   make bench BENCH_ARGS="--model models/pretrained/yolov8n_shapes.pt --data dataset/shapes/data.yaml --quick"
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS ?= --model models/pretrained/yolov8n_shapes.pt --data dataset/shapes/data.yaml --epochs 2 --imgsz 256 \
+	--seeds 2 --out benchmarks/results
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/compare.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

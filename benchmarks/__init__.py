@@ -1,0 +1,1 @@
+"""Benchmarks: training-step overhead (overhead.py) and the side-by-side comparison harness (compare.py)."""
