@@ -1,5 +1,5 @@
 """TensorRT-ready QDQ ONNX: the rules pass for a ``tensorrt``-preset model and fail, by name, for an asymmetric one;
-re-inserted Q/DQ keep outputs bit-identical; the trtexec command; export_all's format registry."""
+re-inserted Q/DQ keep outputs bit-identical; the trtexec command."""
 
 from __future__ import annotations
 
@@ -128,17 +128,5 @@ def test_asymmetric_model_is_refused_before_anything_is_written(asymmetric, tmp_
     model, cfg = asymmetric
     cfg.export.formats = ["onnx", "tensorrt"]
     with pytest.raises(QATError, match=r"44 activation quantizer\(s\) are asymmetric.*--qconfig tensorrt"):
-        export_all(model, cfg, tmp_path, imgsz=IMGSZ)
-    assert not any(tmp_path.iterdir())
-
-
-def test_tflite_is_a_clear_error_for_now(asymmetric, tmp_path):
-    from src.errors import QATError
-    from src.export.pipeline import EXPORTERS, export_all
-
-    assert set(EXPORTERS) == {"onnx", "openvino", "tensorrt", "tflite"}
-    model, cfg = asymmetric
-    cfg.export.formats = ["onnx", "tflite"]
-    with pytest.raises(QATError, match="tflite export not implemented yet"):
         export_all(model, cfg, tmp_path, imgsz=IMGSZ)
     assert not any(tmp_path.iterdir())

@@ -82,20 +82,21 @@ def tiny(cfg, tmp_path_factory):
     return model, path, report
 
 
-@pytest.fixture(scope="module")
-def yolo(cfg, tmp_path_factory):
+def usable_yolov8n(cfg, imgsz: int = 64) -> tuple[nn.Module, torch.Tensor]:
+    """A yolov8n (nc=3) prepared with ``cfg`` and calibrated at ``imgsz``, and its 8 calibration images.
+
+    Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told apart);
+    BatchNorm statistics from real images keep every layer at unit scale, as in a trained model.
+    """
     from ultralytics.nn.tasks import DetectionModel
 
-    from src.export.metadata import build_metadata
     from src.models.yolov8_qat import prepare_qat_model
     from src.quantization.calibration import calibrate
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     model.names = {0: "circle", 1: "square", 2: "triangle"}
-    images = _default_calibration((64, 64), 8)
-    # Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told
-    # apart); BatchNorm statistics from real images keep every layer at unit scale, as in a trained model.
+    images = _default_calibration((imgsz, imgsz), 8)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.momentum = None
         bn.reset_running_stats()
@@ -103,9 +104,16 @@ def yolo(cfg, tmp_path_factory):
     with torch.no_grad():
         model(images)
     model.eval()
-    prepare_qat_model(model, cfg, imgsz=64)
-    calibrate(model, [images], 8, progress=False)
-    model.eval()
+    prepare_qat_model(model, cfg, imgsz=imgsz)
+    calibrate(model, [images], len(images), progress=False)
+    return model.eval(), images
+
+
+@pytest.fixture(scope="module")
+def yolo(cfg, tmp_path_factory):
+    from src.export.metadata import build_metadata
+
+    model, images = usable_yolov8n(cfg)
     meta = build_metadata(model, 64, cfg=cfg)
     path, report = export_tflite(model, tmp_path_factory.mktemp("tflite") / "yolov8n_qat.tflite", 64, meta,
                                  calibration_images=images)

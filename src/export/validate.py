@@ -1,17 +1,18 @@
 """validate_exports.py: accuracy, parity, latency, INT8 coverage and size of exported models, with a pass/fail gate.
 
-For each export (ONNX, OpenVINO IR, TensorRT-ready ONNX):
+For each export (ONNX, OpenVINO IR, TensorRT-ready ONNX, int8 TFLite):
 
 * mAP50 / mAP50-95 through Ultralytics' own loader and ``DetectionValidator`` (``YOLO(path).val``), i.e. exactly what
   a user of the export gets;
 * the reference mAP50-95: the PyTorch fake-quant model of ``--reference`` evaluated the same way (static letterbox at
   the export's size, ``rect=False``), or else the ``qat_reference`` stored in the export's metadata;
 * output parity on the same letterboxed validation images: max abs error and cosine of the raw (1, 4+nc, anchors)
-  outputs against the fake-quant model (``--reference`` only);
+  outputs against the fake-quant model (``--reference`` only); TFLite boxes, input-relative in the file, are scaled
+  back to pixels first, as Ultralytics' ``LiteRTBackend`` does;
 * latency at batch 1 on a stated number of threads: warm-up, then interleaved rounds over every runtime variant
   (OpenVINO also with ``INFERENCE_PRECISION_HINT=f32``), median and inter-quartile range;
-* INT8 coverage: OpenVINO's compiled runtime graph, or for ONNX the convs fed by DequantizeLinear, against the
-  number of quantized convs recorded in the metadata;
+* INT8 coverage: OpenVINO's compiled runtime graph, for ONNX the convs fed by DequantizeLinear, for TFLite the convs
+  whose input and weight tensors are int8, against the number of quantized convs recorded in the metadata;
 * file size.
 
 Exit status: 0 all passed, 1 some export failed the gate (mAP off by more than ``--tolerance`` points, or a quantized
@@ -31,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -88,7 +90,7 @@ def map_within_tolerance(map50_95: float, reference: float, tolerance_points: fl
 @dataclass
 class Target:
     path: Path
-    format: str  # onnx | openvino | tensorrt (the TensorRT-ready ONNX, run with ONNX Runtime here)
+    format: str  # onnx | openvino | tensorrt (the TensorRT-ready ONNX, run with ONNX Runtime here) | tflite
 
 
 def discover(paths: list[str]) -> list[Target]:
@@ -98,12 +100,13 @@ def discover(paths: list[str]) -> list[Target]:
         p = Path(raw)
         if not p.exists():
             raise ValidationInputError(f"--model {raw}: no such file or directory; pass an exported .onnx, an "
-                                       "OpenVINO .xml / *_openvino_model dir, or the --export-dir folder")
+                                       "OpenVINO .xml / *_openvino_model dir, a .tflite, or the --export-dir folder")
         if p.is_dir():
             found = _discover_dir(p)
             if not found:
                 raise ValidationInputError(f"--model {raw}: no exports found (looked for onnx/*.onnx, "
-                                           "openvino/*.xml, tensorrt/*.onnx and *.xml in *_openvino_model)")
+                                           "openvino/*.xml, tensorrt/*.onnx, tflite/*.tflite and *.xml in "
+                                           "*_openvino_model)")
             targets.extend(found)
         else:
             targets.append(Target(p, _format_of(p)))
@@ -116,10 +119,11 @@ def _discover_dir(d: Path) -> list[Target]:
     found = [Target(x, "onnx") for x in sorted((d / "onnx").glob("*.onnx"))]
     found += [Target(x, "openvino") for x in sorted((d / "openvino").glob("*.xml"))]
     found += [Target(x, "tensorrt") for x in sorted((d / "tensorrt").glob("*.onnx"))]
+    found += [Target(x, "tflite") for x in sorted((d / "tflite").glob("*.tflite"))]
     for sub in sorted(d.glob("*_openvino_model")):
         found += [Target(x, "openvino") for x in sorted(sub.glob("*.xml"))]
     if not found:
-        found = [Target(x, _format_of(x)) for x in sorted(d.glob("*.onnx"))]
+        found = [Target(x, _format_of(x)) for x in sorted([*d.glob("*.onnx"), *d.glob("*.tflite")])]
     return found
 
 
@@ -130,13 +134,36 @@ def _format_of(p: Path) -> str:
     if suffix == ".xml":
         return "openvino"
     if suffix == ".tflite":
-        raise ValidationInputError(f"--model {p}: TFLite validation is not implemented yet; validate the ONNX or "
-                                   "OpenVINO export instead")
+        return "tflite"
     if suffix == ".engine":
         raise ValidationInputError(f"--model {p}: TensorRT engines are validated on a TensorRT machine; here "
                                    f"validate the TensorRT-ready ONNX ({p.with_suffix('.onnx').name}) instead")
-    raise ValidationInputError(f"--model {p}: unsupported export format {suffix or '(no suffix)'}; expected .onnx "
-                               "or an OpenVINO .xml")
+    raise ValidationInputError(f"--model {p}: unsupported export format {suffix or '(no suffix)'}; expected .onnx, "
+                               "an OpenVINO .xml or .tflite")
+
+
+def export_metadata(t: Target) -> dict:
+    """The export's metadata (ONNX ``metadata_props``, ``metadata.yaml``, or a .tflite's ``metadata.json``).
+
+    A .tflite's is read by Ultralytics' own reader, as its ``LiteRTBackend`` reads it.
+    """
+    from src.export.metadata import read_metadata
+
+    if t.format != "tflite":
+        return read_metadata(t.path)
+    from ultralytics.nn.backends.base import BaseBackend
+
+    meta = BaseBackend.read_metadata(t.path) if zipfile.is_zipfile(t.path) else {}
+    if not meta:
+        raise ValidationInputError(f"--model {t.path}: not a .tflite written by the TFLite export (no embedded "
+                                   "metadata.json, which YOLO() needs too); re-export it with tflite in "
+                                   "export.formats and export.include_metadata: true")
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except Exception as e:  # a broken native library fails as something other than ImportError
+        raise ValidationInputError(f"--model {t.path}: running a .tflite needs ai-edge-litert ({type(e).__name__}: "
+                                   f"{e}); pip install -r requirements-tflite.txt") from None
+    return meta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,10 +190,40 @@ def ov_runner(path: Path, threads: int, f32: bool = False) -> Callable[[np.ndarr
     return lambda x: np.array(request.infer([x])[0])
 
 
+def tflite_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The LiteRT interpreter as Ultralytics' ``LiteRTBackend`` runs it (default delegates), boxes back in pixels.
+
+    The export divides box coordinates by the image size inside the graph (one int8 grid for boxes and scores);
+    scaling them back gives the units of the other runtimes and of the PyTorch reference.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    if inp["dtype"] != np.float32 or out["dtype"] != np.float32:
+        raise ValidationInputError(f"--model {path}: graph input/output are {inp['dtype'].__name__}/"
+                                   f"{out['dtype'].__name__}; only float-I/O int8 models (what the TFLite export "
+                                   "writes) are validated here; re-export it")
+    h, w = (int(v) for v in inp["shape"][2:4])
+    size = np.array([w, h, w, h], dtype=np.float32).reshape(1, 4, 1)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        y = it.get_tensor(out["index"])  # a copy
+        y[:, :4] *= size
+        return y
+
+    return run
+
+
 def runners_for(t: Target, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Runtime variants timed for one export: the default, plus OpenVINO with f32 inference precision."""
     if t.format == "openvino":
         return {"default": ov_runner(t.path, threads), "f32": ov_runner(t.path, threads, f32=True)}
+    if t.format == "tflite":
+        return {"default": tflite_runner(t.path, threads)}
     return {"default": ort_runner(t.path, threads)}
 
 
@@ -292,6 +349,12 @@ def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list
         int8, found = len(r.int8), len(r.quantized)
         floats = [f"{k} ({v})" for k, v in r.float_fallbacks.items()]
         unquantized = list(r.unquantized)
+    elif t.format == "tflite":
+        # Full-integer by construction: every conv runs int8 (the DFL conv too, float in ONNX/OpenVINO, here with
+        # calibrated weights), so no float conv is by design and each one is named.
+        int8_names, floats = tflite_conv_precisions(t.path)
+        int8 = found = len(int8_names)
+        unquantized = []
     else:
         import onnx
 
@@ -311,6 +374,29 @@ def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list
         floats.append(f"{expected - found - partial} quantized conv(s) lost their Q/DQ (float convs in the file: "
                       f"{', '.join(unquantized)})")
     return int8, floats, violations
+
+
+def tflite_conv_precisions(path: Path) -> tuple[list[str], list[str]]:
+    """Convolutions of a .tflite by the dtypes of their input and weight tensors: (int8 names, other names).
+
+    The others are marked ``(partial)`` when one side is int8 (as the ONNX count marks a conv with one Q/DQ), else
+    ``(float)``; a name is the op, its index and the last scope of its weight tensor.
+    """
+    from src.export.tflite_export import WEIGHT_OPS, _graph, _interpreter
+
+    tensors, ops = _graph(_interpreter(path, reference_kernels=True))
+    int8, other = [], []
+    for op in ops:
+        if op["op_name"] not in WEIGHT_OPS:
+            continue
+        x, w = (tensors[i] for i in op["inputs"][:2])
+        name = f"{op['op_name']}#{op['index']} {w['name'].split(';')[0].rsplit('/', 1)[-1]}"
+        n_int8 = sum(d["dtype"] == np.int8 for d in (x, w))
+        if n_int8 == 2:
+            int8.append(name)
+        else:
+            other.append(f"{name} ({'partial' if n_int8 else 'float'})")
+    return int8, other
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,12 +450,12 @@ def validate(
     parity_count: int = 8,
 ) -> list[ExportResult]:
     """Validate every export; see the module docstring. Returns one result per export."""
-    from src.export.metadata import QUANT_KEY, REFERENCE_KEY, read_metadata
+    from src.export.metadata import QUANT_KEY, REFERENCE_KEY
 
     if not Path(data).is_file():
         raise ValidationInputError(f"--data {data}: no such file; pass the dataset YAML the model was trained on")
     targets = discover(models)
-    metas = [read_metadata(t.path) for t in targets]
+    metas = [export_metadata(t) for t in targets]
     if imgsz is None:
         sizes = {int((m.get("imgsz") or [640])[0]) for m in metas}
         if len(sizes) > 1:
@@ -480,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0 = all passed, 1 = a gate failed, 2 = bad input.",
     )
     p.add_argument("--model", action="extend", nargs="+", required=True,
-                   help="export file(s) (.onnx, .xml), *_openvino_model dir(s) or the --export-dir folder")
+                   help="export file(s) (.onnx, .xml, .tflite), *_openvino_model dir(s) or the --export-dir folder")
     p.add_argument("--data", required=True, help="dataset YAML")
     p.add_argument("--reference", help="QAT checkpoint the exports came from (default: mAP stored in the metadata)")
     p.add_argument("--json", help="write the results as JSON here")
