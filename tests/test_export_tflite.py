@@ -308,3 +308,27 @@ def test_pipeline_refuses_dynamic_tflite(cfg, tmp_path):
     ctx = ExportContext(conv_silu_conv(cfg), c, tmp_path, "m", 16, None, ["tflite"])
     with pytest.raises(QATError, match="export.dynamic: true is not supported for TFLite"):
         EXPORTERS["tflite"].check(ctx)
+
+
+def test_dfl_integral_weights_are_exact_in_int8(yolo):
+    """DFL's fixed weights 0..reg_max-1 must survive int8 exactly (scale 1), or every decoded box side moves."""
+    from src.export.tflite_export import _graph
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = yolo[1]
+
+    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    tensors, ops = _graph(it)
+    found = False
+    for op in ops:
+        if op["op_name"] != "CONV_2D":
+            continue
+        d = tensors[op["inputs"][1]]
+        q = d["quantization_parameters"]
+        if d["dtype"] == np.int8 and len(q["scales"]) and np.allclose(q["scales"], 1.0):
+            codes = it.get_tensor(d["index"]).reshape(-1)
+            if codes.size == 16 and np.array_equal(np.sort(codes), np.arange(16)):
+                found = True
+    assert found, "no conv holds the DFL integral 0..15 with scale 1"

@@ -456,6 +456,27 @@ def _match_weights(it, weights: list[WeightQuant]) -> dict[str, tuple[WeightQuan
     return out
 
 
+def _integer_weight_ranges(it, matched: set[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Scale-1 ranges for float conv weights that hold small integers (DFL's fixed 0..reg_max-1 integral).
+
+    Calibration would give them max/127 as the scale, on which 1, 2, ... are not representable (1 -> 0.945) and every
+    decoded box side moves; with [-127, 127] the int8 codes are the integers themselves, exactly.
+    """
+    tensors, ops = _graph(it)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for op in ops:
+        if op["op_name"] not in WEIGHT_OPS:
+            continue
+        d = tensors[op["inputs"][1]]
+        if d["name"] in matched:
+            continue
+        v = it.get_tensor(d["index"])
+        if v.dtype.kind == "f" and v.size and np.all(v == np.round(v)) and np.abs(v).max() <= TFLITE_WEIGHT_QMAX:
+            bound = np.full([v.shape[0]] + [1] * (v.ndim - 1), float(TFLITE_WEIGHT_QMAX))  # per output channel
+            out[d["name"]] = {"min": -bound, "max": bound}
+    return out
+
+
 def _weight_qsv(wq: WeightQuant, dim: int, ndim: int) -> dict[str, np.ndarray]:
     shape = [1] * ndim
     shape[dim] = -1
@@ -566,6 +587,7 @@ def export_tflite(
         ndim = {d["name"]: len(d["shape"]) for d in tensors.values()}
         for name, (wq, dim) in wmatch.items():
             result[name] = _weight_qsv(wq, dim, ndim[name])
+        result.update(_integer_weight_ranges(it, set(wmatch)))
         qt.quantize(calibration_result=result, enable_progress_report=False).export_model(str(path), overwrite=True)
 
     if metadata:
