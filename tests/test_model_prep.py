@@ -246,13 +246,14 @@ def test_calibration_sets_ranges_then_freezes(cfg):
     assert all(torch.equal(frozen[k], q.calculate_qparams()[0]) for k, q in quantizers(m) if not q.is_weight)
 
 
-def test_calibration_on_synthetic_dataset(cfg, tiny_dataset):
+@pytest.mark.parametrize("variant", ["n", "s"])
+def test_calibration_on_synthetic_dataset(cfg, tiny_dataset, variant):
     from ultralytics.data.utils import check_det_dataset
 
     from src.training.data import build_loader, hyperparameters, preprocess_batch
 
     data = check_det_dataset(str(tiny_dataset), autodownload=False)
-    m = _model()
+    m = _model(variant)
     prepare_qat_model(m, cfg)
     hyp = hyperparameters(cfg, imgsz=64, mode="val")
     loader = build_loader(hyp, data, "train", 4, mode="val", workers=0)

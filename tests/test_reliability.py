@@ -65,6 +65,14 @@ def _model_nc_mismatch(tmp_path, data):
     return ["--model", str(p)], ["80 classes", "yolo train"]
 
 
+def _teacher_other_classes(tmp_path, data):
+    from ultralytics.nn.tasks import DetectionModel
+
+    p = tmp_path / "teacher80.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=80, verbose=False)}, p)
+    return ["--model", "yolov8n.yaml", "--epochs", "1", "--distillation", "--teacher-model", str(p)], ["teacher80.pt"]
+
+
 def _data_missing_yaml(tmp_path, data):
     return ["--model", "yolov8n.yaml", "--data", str(tmp_path / "absent.yaml")], ["absent.yaml"]
 
@@ -142,6 +150,7 @@ CASES = {
     "model truncated .pt": _model_truncated,
     "model not a detector": _model_classify,
     "model class count differs from data": _model_nc_mismatch,
+    "teacher with a different class set": _teacher_other_classes,
     "data missing yaml": _data_missing_yaml,
     "data missing image folder": _data_missing_images,
     "data labels with class >= nc": _data_bad_class,
