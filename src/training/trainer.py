@@ -139,6 +139,7 @@ class QATTrainer:
         self.total_epochs = tp.epochs + (qp.fine_tuning_epochs if qp.post_qat_fine_tuning else 0)
         self.weights_dir = self.save_dir / "weights"
         self.state = TrainState()
+        self._resume_rng = None
         self.stop_requested = False
         self.hyp = hyperparameters(cfg)
         self.model.args = self.hyp  # v8DetectionLoss reads its gains from model.args
@@ -203,6 +204,9 @@ class QATTrainer:
         batch = tp.batch_size // self.world_size if self.world_size > 1 else tp.batch_size
         loader = build_loader(self.hyp, self.data, "train", batch, mode="train", stride=stride, seed=tp.seed,
                               rank=self.rank if self.world_size > 1 else -1)
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
         nb = len(loader)
         accumulate = max(round(nominal_batch(self.cfg) / tp.batch_size), 1)
         warmup_iters = round(tp.warmup_epochs * nb) if tp.warmup_epochs > 0 else 0
@@ -398,7 +402,9 @@ class QATTrainer:
         self.optimizer.load_state_dict(st["optimizer"])
         if st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        set_rng_state(st["rng"])
+        # applied in train() once the dataloader exists: building Ultralytics' dataset draws random numbers, which the
+        # uninterrupted run did before its first epoch, not before the resumed one
+        self._resume_rng = st["rng"]
 
     def _checkpoint(self, model: nn.Module, train_state: bool) -> dict:
         extra = dict(self.checkpoint_extra)
