@@ -4,7 +4,7 @@
 1. Generate the synthetic dataset (dataset/shapes, 200 train / 500 val images at 256 px) if missing.
 2. Train the FP32 starting model (models/pretrained/yolov8n_shapes.pt) if missing.
 3. PTQ: calibration only (--epochs 0), evaluated.
-4. QAT: calibration + 2 epochs, evaluated, exported and the exports validated.
+4. QAT: calibration + 2 epochs, evaluated, analysed, exported (ONNX, OpenVINO) and the exports validated.
 5. Print the FP32 / PTQ / QAT / export comparison and where every artifact is.
 """
 
@@ -50,27 +50,26 @@ def main(argv=None) -> int:
     common = ["--model", a.fp32, "--data", str(data), "--img-size", str(a.imgsz), "--device", "cpu", "--exist-ok",
               "--eval", "--log-dir", str(out / "logs")]
     sh([py, "train_qat.py", *common, "--epochs", "0", "--save-dir", str(out / "ptq")])
-    qat_extra = []
-    if (REPO / "src" / "export" / "pipeline.py").exists():
-        qat_extra = ["--export", "--validate-exports", "--export-dir", str(out / "exported")]
-    sh([py, "train_qat.py", *common, "--epochs", str(a.epochs), "--save-dir", str(out / "qat"), *qat_extra])
+    sh([py, "train_qat.py", *common, "--epochs", str(a.epochs), "--save-dir", str(out / "qat"), "--analyze",
+        "--export", "--validate-exports", "--export-dir", str(out / "exported")])
 
     ptq = json.loads((out / "ptq" / "metrics.json").read_text())
     qat = json.loads((out / "qat" / "metrics.json").read_text())
     rows = [("FP32 (source)", qat["fp32"]), ("PTQ INT8 (ours)", ptq["ptq"]), (f"QAT INT8 (ours, {a.epochs} ep)",
                                                                                 qat["qat"])]
-    val = out / "exported" / "validation.json"
-    if val.exists():
-        for e in json.loads(val.read_text())["exports"]:
-            rows.append((f"export: {e['format']}", {"map50": e["map50"], "map50_95": e["map50_95"]}))
-    print(f"\n{'model':<28} {'mAP50':>8} {'mAP50-95':>9}")
+    for e in json.loads((out / "exported" / "validation.json").read_text())["exports"]:
+        rows.append((f"QAT export: {e['format']}", e))
+    print(f"\n{'model':<28} {'mAP50':>8} {'mAP50-95':>9} {'latency ms':>11} {'INT8 convs':>11} {'MB':>6}")
     for name, m in rows:
-        print(f"{name:<28} {m['map50']:>8.4f} {m['map50_95']:>9.4f}")
+        lat = f"{m['latency_ms']:.1f}" if m.get("latency_ms") else "-"
+        int8 = f"{m['int8_convs']}/{m['int8_convs'] + m['float_convs']}" if m.get("int8_convs") is not None else "-"
+        size = f"{m['size_mb']:.2f}" if m.get("size_mb") else "-"
+        print(f"{name:<28} {m['map50']:>8.4f} {m['map50_95']:>9.4f} {lat:>11} {int8:>11} {size:>6}")
     print(f"\nArtifacts:\n  dataset        {data}\n  FP32 model     {REPO / a.fp32}\n  PTQ run        {out / 'ptq'}"
           f"\n  QAT run        {out / 'qat'} (quantized_model.pt, metrics.json, results.csv, placement.txt)"
+          f"\n  analysis       {out / 'qat' / 'analysis' / 'report.md'}"
+          f"\n  exports        {out / 'exported'} (onnx/, openvino/, validation.json)"
           f"\n  TensorBoard    tensorboard --logdir {out / 'logs'}")
-    if qat_extra:
-        print(f"  exports        {out / 'exported'}")
     print(f"\nDemo finished in {(time.time() - t0) / 60:.1f} min")
     return 0
 
