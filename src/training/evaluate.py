@@ -23,7 +23,7 @@ def evaluate(
     save_dir: str | Path | None = None,
     split: str = "val",
 ) -> dict:
-    """mAP50, mAP50-95 and per-class AP of ``model`` on a data split.
+    """mAP50, mAP50-95 and per-class AP of ``model`` on a data split, preprocessed as the exports are.
 
     The validator gets a deep copy in eval mode: Ultralytics' AutoBackend switches off ``requires_grad`` and may
     fuse, and neither may touch the model being trained. Quantizers in eval mode do not observe, so the copy is
@@ -45,7 +45,9 @@ def evaluate(
         verbose=False,
         save_json=False,
         split=split,
-        rect=True,
+        # static letterbox at imgsz, as the exports run: Ultralytics' rect batches would pad a square 256 px set to
+        # 288 px and make torch and export numbers incomparable
+        rect=False,
     )
     if save_dir is not None:
         args["project"], args["name"], args["exist_ok"] = str(Path(save_dir).parent), Path(save_dir).name, True
