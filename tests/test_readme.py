@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 # block name (the heading above it + its index under that heading) -> why it does not run here
 SKIPPED = {
     "Quick start #1": "make test / make demo: the whole suite itself and a 15-minute demo",
+    "Against Ultralytics' own INT8 paths #1": "make bench / compare.py need requirements-bench.txt (nncf, ModelOpt), "
+                                              "which make test does not install; tests/test_compare.py covers it",
+    "Against Ultralytics' own INT8 paths #2": "the 17-minute benchmark run whose numbers the table quotes",
+    "Troubleshooting #1": "resumes a run that stopped on CUDA out of memory (tests/test_reliability.py makes one)",
     "Visualizing training progress #1": "its tensorboard line starts a server that runs until stopped (the training "
                                         "line is the Basic usage command with --log-dir)",
 }
@@ -88,6 +92,8 @@ def shrink_command(argv: list[str], data: str) -> list[str] | None:
     out = [data if a in DATA_NAMES else a for a in argv]
     if out[0] == "python" and len(out) > 1:
         out[0] = sys.executable
+        if out[1] == "-u":  # unbuffered output changes nothing here
+            del out[1]
     script = out[1] if len(out) > 1 else ""
 
     def setopt(flag, value):
