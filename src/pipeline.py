@@ -184,6 +184,8 @@ def run(args, overrides: dict) -> dict:
         cfg.qat_params.skip_detection_head = stored.qat_params.skip_detection_head
         cfg.qat_params.freeze_observers_epoch = 0  # fine-tuning keeps the learned ranges fixed
         cfg.qat_params.freeze_bn_epoch = 0
+        if args.img_size is None:  # evaluate/export/fine-tune at the size the checkpoint was trained at
+            cfg.train_params.img_size = stored.train_params.img_size
         if args.qconfig:
             LOGGER.warning("--qconfig is ignored for a QAT checkpoint: its placement and quantizers are kept")
         fp32_source = ckpt.get("fp32_source")

@@ -125,3 +125,15 @@ def test_script_entry_point_runs_help():
     r = subprocess.run([sys.executable, "train_qat.py", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--qconfig" in r.stdout
+
+
+def test_qat_checkpoint_keeps_its_image_size_for_eval_and_export(tiny_dataset, tmp_path):
+    rc = main(_tiny_args(tiny_dataset, tmp_path, "--epochs", "0"))
+    assert rc == 0
+    ckpt = tmp_path / "qat" / "quantized_model.pt"
+    rc = main(["--model", str(ckpt), "--export", "--export-dir", str(tmp_path / "exp"), "--device", "cpu"])
+    assert rc == 0
+    import onnx
+
+    shape = onnx.load(str(tmp_path / "exp" / "onnx" / "quantized_model.onnx")).graph.input[0].type.tensor_type.shape
+    assert [d.dim_value for d in shape.dim] == [1, 3, 64, 64]  # not the config default 640
