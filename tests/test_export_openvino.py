@@ -7,24 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import calibrated_qat_model
+
 IMGSZ = 64
 
 
-def _qat_model():
-    from ultralytics.nn.tasks import DetectionModel
-
-    from src.config import load_config
-    from src.models.yolov8_qat import prepare_qat_model
-    from src.quantization.calibration import calibrate
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
-    model.names = {0: "circle", 1: "square", 2: "triangle"}
-    cfg = load_config("configs/qat_config.yaml")
-    prepare_qat_model(model, cfg)
-    g = torch.Generator().manual_seed(1)
-    calibrate(model, [torch.rand(2, 3, IMGSZ, IMGSZ, generator=g) for _ in range(2)], 4, progress=False)
-    return model.eval(), cfg
+def _qat_model(qconfig=None):
+    return calibrated_qat_model(IMGSZ, qconfig)
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,15 @@ class ObserverBase(nn.Module):
     def _update(self, x: torch.Tensor, site: int, cur_min: torch.Tensor, cur_max: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def _first_observation(self, site: int, cur_min: torch.Tensor, cur_max: torch.Tensor) -> bool:
+        """Take the first batch's min/max as the state of ``site``; False when the site already holds data."""
+        if self.initialized[site].item():
+            return False
+        self.min_val[site].copy_(cur_min)
+        self.max_val[site].copy_(cur_max)
+        self.initialized[site] = 1
+        return True
+
     def reset(self) -> None:
         """Forget all statistics."""
         for buf in self.buffers(recurse=False):
@@ -169,14 +178,11 @@ class MinMaxObserver(ObserverBase):
     kind = "minmax"
 
     def _update(self, x, site, cur_min, cur_max):
+        if self._first_observation(site, cur_min, cur_max):
+            return
         min_val, max_val = self.min_val[site], self.max_val[site]
-        if not self.initialized[site].item():
-            min_val.copy_(cur_min)
-            max_val.copy_(cur_max)
-            self.initialized[site] = 1
-        else:
-            torch.minimum(min_val, cur_min, out=min_val)
-            torch.maximum(max_val, cur_max, out=max_val)
+        torch.minimum(min_val, cur_min, out=min_val)
+        torch.maximum(max_val, cur_max, out=max_val)
 
 
 class MovingAverageMinMaxObserver(ObserverBase):
@@ -196,16 +202,13 @@ class MovingAverageMinMaxObserver(ObserverBase):
         self.averaging_constant = float(averaging_constant)
 
     def _update(self, x, site, cur_min, cur_max):
+        if self._first_observation(site, cur_min, cur_max):
+            return
         min_val, max_val = self.min_val[site], self.max_val[site]
-        if not self.initialized[site].item():
-            min_val.copy_(cur_min)
-            max_val.copy_(cur_max)
-            self.initialized[site] = 1
-        else:
-            c = self.averaging_constant
-            # m + c * (cur - m), as torch.ao evaluates it, so results are bit-identical.
-            min_val.add_((cur_min - min_val).mul_(c))
-            max_val.add_((cur_max - max_val).mul_(c))
+        c = self.averaging_constant
+        # m + c * (cur - m), as torch.ao evaluates it, so results are bit-identical.
+        min_val.add_((cur_min - min_val).mul_(c))
+        max_val.add_((cur_max - max_val).mul_(c))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", averaging_constant={self.averaging_constant}"
