@@ -161,9 +161,9 @@ def run(args, overrides: dict) -> dict:
     if args.resume:
         return resume(args, overrides)
 
-    resolved = resolve_model_path(args.model, _variant_hint(args))
-    is_qat = resolved.kind == "qat_checkpoint"
     cfg = load_config(args.config, overrides, qconfig=args.qconfig)
+    resolved = resolve_model_path(args.model, cfg.model.variant)
+    is_qat = resolved.kind == "qat_checkpoint"
     seed_everything(cfg.train_params.seed)  # model init (YAML), calibration sampling and training all follow it
     train_requested = (not is_qat) or args.epochs is not None
     needs_data = train_requested or args.eval or args.validate_exports or args.analyze or args.data is not None
@@ -268,15 +268,6 @@ def run(args, overrides: dict) -> dict:
     LOGGER.info(f"Results saved to {run_dir}")
     summary["run_dir"] = str(run_dir)
     return summary
-
-
-def _variant_hint(args) -> str:
-    from src.config import load_config
-
-    try:
-        return load_config(args.config).model.variant
-    except QATError:
-        return "n"
 
 
 def data_report(cfg, data: dict, *, train: bool, val: bool) -> dict:

@@ -141,8 +141,11 @@ def test_concat_inputs_share_one_quantizer(cfg, variant):
             for b in layer.m:
                 keys.add(b.output_site.key if b.add else b.cv2.output_site.key)
             assert len(keys) == 1
-            # and the bottleneck's first conv reads that same quantized tensor
-            assert all(layer.m[0].cv1.input_site is None for _ in [0])
+            # and each bottleneck's first conv reads that same quantized tensor (no input quantizer of its own)
+            by_conv = {l.name: l for l in placement.layers}
+            for b in layer.m:
+                name = next(n for n, mod in m.named_modules() if mod is b.cv1)
+                assert b.cv1.input_site is None and by_conv[name].input_group in keys
         if isinstance(layer, SPPF):
             key = layer.cv1.output_site.key  # max-pool chain keeps cv1's quantizer up to cv2
             group = next(g for g in placement.groups if g.key == key)

@@ -22,12 +22,6 @@ def _fake_quantizers(model: nn.Module) -> list[FakeQuantize]:
     return [m for m in model.modules() if isinstance(m, FakeQuantize)]
 
 
-def reset_observers(model: nn.Module) -> None:
-    """Forget all collected statistics."""
-    for q in _fake_quantizers(model):
-        q.observer.reset()
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
