@@ -233,7 +233,29 @@ def test_yolov8n_every_quantizer_and_weight_reads_back_equal(yolo):
     quantized = [l for l in model.qat_placement.layers if l.quantized]
     assert check_weight_codes(model, path, report) == len(quantized) == 63
     counts = report.counts()
-    assert counts["weight"] == {"qat": 63, "constraint": 0, "calibration": 1}  # the float DFL conv
+    assert counts["weight"] == {"qat": 63, "constraint": 0, "calibration": 0}  # the DFL conv of the tail is float
+
+
+def test_yolov8n_quantized_convs_int8_and_decoding_tail_float(yolo):
+    """All 63 quantized convs take int8 inputs and weights; DFL and the box/score decoding after them run float."""
+    from src.export.validate import tflite_conv_precisions
+
+    _, path, _, _, _ = yolo
+    int8, others = tflite_conv_precisions(path)
+    assert len(int8) == 63 and len(others) == 1 and others[0].endswith("(float)")
+    it, tensors = tflite_tensors(path)
+    by_index = {d["index"]: d for d in tensors.values()}
+    ops = it._get_ops_details()
+    dfl = next(op for op in ops if op["op_name"] == "CONV_2D" and by_index[op["inputs"][1]]["dtype"] == np.float32)
+    assert it.get_tensor(dfl["inputs"][1]).ravel().tolist() == list(range(16))  # the integral, exact in float
+    float_ops = {op["op_name"] for op in ops if op["op_name"] != "DEQUANTIZE"
+                 and all(by_index[o]["dtype"] == np.float32 for o in op["outputs"])}
+    assert {"SOFTMAX", "CONV_2D", "LOGISTIC", "CONCATENATION", "MUL", "ADD", "SUB"} <= float_ops, float_ops
+    int8_ops = {op["op_name"] for op in ops if any(by_index[o]["dtype"] == np.int8 for o in op["outputs"])}
+    assert "SOFTMAX" not in int8_ops and "SUB" not in int8_ops  # DFL and the box decoding have no int8 op
+    out = it.get_output_details()[0]
+    assert out["dtype"] == np.float32 and not any(op["op_name"] == "DEQUANTIZE" and out["index"] in op["outputs"]
+                                                  for op in ops)
 
 
 def test_yolov8n_no_requantization_between_qat_grids(yolo):
@@ -253,12 +275,13 @@ def test_yolov8n_no_requantization_between_qat_grids(yolo):
 def test_yolov8n_output_matches_fake_quant_in_lsb(yolo):
     model, path, report, meta, images = yolo
     err = lsb_error(model, path, images[:2], report)
-    # measured on these two images: max 4.6-5.8 LSB, mean 0.23 LSB of the output grid. TFLite's SiLU (LOGISTIC +
-    # MUL) adds two roundings per conv (see test_tiny_int8_graph_is_the_fake_quant_model_plus_tflite_silu); a
-    # random-init network amplifies them with depth (on 2 of the 8 images a one-step change of one input pixel
-    # moves the fake-quant model's own deep codes by >200 steps), so the bound is loose and the mean is the check.
-    assert err.output_max <= 8.0, err
-    assert err.output_mean <= 0.5, err
+    # measured on these two images: output (input-relative boxes, scores) max 0.11, mean 0.0025; QAT-grid codes
+    # 51% equal. TFLite's SiLU (LOGISTIC + MUL) adds two roundings per conv (see
+    # test_tiny_int8_graph_is_the_fake_quant_model_plus_tflite_silu); a random-init network amplifies them with depth
+    # (on 2 of the 8 images a one-step change of one input pixel moves the fake-quant model's own deep codes by >200
+    # steps), so the bound on the max is loose and the mean is the check.
+    assert err.output_max <= 0.2, err
+    assert err.output_mean <= 0.005, err
     assert err.qat_tensor_equal >= 0.4, err
 
 
@@ -309,26 +332,3 @@ def test_pipeline_refuses_dynamic_tflite(cfg, tmp_path):
     with pytest.raises(QATError, match="export.dynamic: true is not supported for TFLite"):
         EXPORTERS["tflite"].check(ctx)
 
-
-def test_dfl_integral_weights_are_exact_in_int8(yolo):
-    """DFL's fixed weights 0..reg_max-1 must survive int8 exactly (scale 1), or every decoded box side moves."""
-    from src.export.tflite_export import _graph
-
-    from ai_edge_litert.interpreter import Interpreter
-
-    path = yolo[1]
-
-    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
-    it.allocate_tensors()
-    tensors, ops = _graph(it)
-    found = False
-    for op in ops:
-        if op["op_name"] != "CONV_2D":
-            continue
-        d = tensors[op["inputs"][1]]
-        q = d["quantization_parameters"]
-        if d["dtype"] == np.int8 and len(q["scales"]) and np.allclose(q["scales"], 1.0):
-            codes = it.get_tensor(d["index"]).reshape(-1)
-            if codes.size == 16 and np.array_equal(np.sort(codes), np.arange(16)):
-                found = True
-    assert found, "no conv holds the DFL integral 0..15 with scale 1"

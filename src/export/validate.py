@@ -350,11 +350,12 @@ def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list
         floats = [f"{k} ({v})" for k, v in r.float_fallbacks.items()]
         unquantized = list(r.unquantized)
     elif t.format == "tflite":
-        # Full-integer by construction: every conv runs int8 (the DFL conv too, float in ONNX/OpenVINO, here with
-        # calibrated weights), so no float conv is by design and each one is named.
-        int8_names, floats = tflite_conv_precisions(t.path)
+        # Float by design, as in ONNX/OpenVINO: the DFL conv of the decoding tail; a conv with one int8 side is a
+        # quantized conv that lost half its quantization, and a lost one shows in the count.
+        int8_names, others = tflite_conv_precisions(t.path)
         int8 = found = len(int8_names)
-        unquantized = []
+        floats = [n for n in others if n.endswith("(partial)")]
+        unquantized = [n for n in others if not n.endswith("(partial)")]
     else:
         import onnx
 
@@ -371,7 +372,7 @@ def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list
             violations = check_tensorrt_rules(proto)
     partial = len(floats) if t.format != "openvino" else 0  # already named above and missing from ``found``
     if expected is not None and found + partial < expected:
-        floats.append(f"{expected - found - partial} quantized conv(s) lost their Q/DQ (float convs in the file: "
+        floats.append(f"{expected - found - partial} quantized conv(s) lost their quantization (float convs in the file: "
                       f"{', '.join(unquantized)})")
     return int8, floats, violations
 
