@@ -64,6 +64,32 @@ def test_openvino_matches_fake_quant_torch(ir):
     assert max(errs) < 1e-3  # pixel-unit boxes: agreement to ~1e-4 px
 
 
+def test_ir_is_compacted_and_computes_what_the_plain_conversion_does(ir, tmp_path):
+    """Shared FakeQuantize limits and an unindented XML: smaller, and bit-identical outputs."""
+    import openvino as ov
+
+    _, onnx_path, xml = ir
+    plain = tmp_path / "plain.xml"
+    ov.save_model(ov.convert_model(str(onnx_path)), str(plain), compress_to_fp16=False)
+    core = ov.Core()
+    ours = core.read_model(str(xml))
+    fqs = [op for op in ours.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert len(fqs) >= 50
+    for op in fqs:  # output limits read the input-limit constants
+        src = [op.input(i).get_source_output().get_node() for i in range(1, 5)]
+        assert src[0] is src[2] or src[0].get_friendly_name() == src[2].get_friendly_name()
+        assert src[1].get_friendly_name() == src[3].get_friendly_name()
+    assert "\n\t" not in xml.read_text()
+    # measured on yolov8n: XML 462 -> 351 kB, IR 3.52 -> 3.41 MB (0.287x -> 0.278x the FP32 ONNX)
+    assert xml.stat().st_size < 0.8 * plain.stat().st_size
+    assert xml.with_suffix(".bin").stat().st_size <= plain.with_suffix(".bin").stat().st_size
+    x = np.random.default_rng(3).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    a = core.compile_model(str(xml), "CPU", cfg)(x)[0]
+    b = core.compile_model(str(plain), "CPU", cfg)(x)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_every_quantized_conv_runs_int8(ir):
     from src.export.openvino_export import runtime_int8_report
 

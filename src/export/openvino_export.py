@@ -71,13 +71,50 @@ def export_openvino(onnx_path: str | Path, out_dir: str | Path, stem: str, metad
         ov_model.set_rt_info(0.7, ["model_info", "iou_threshold"])
         ov_model.set_rt_info([str(v).replace(" ", "_") for v in names.values()], ["model_info", "labels"])
         ov_model.set_rt_info("fit_to_window_letterbox", ["model_info", "resize_type"])
+    share_fake_quantize_limits(ov_model)
     xml = out_dir / f"{stem}.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp16 compression would touch the float parts only
+    compact_xml(xml)
     if metadata:
         write_metadata_yaml(metadata, out_dir)
     size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
     LOGGER.info(f"OpenVINO IR export: {xml} ({size:.2f} MB)")
     return xml
+
+
+def share_fake_quantize_limits(ov_model) -> int:
+    """Feed each FakeQuantize's output limits from its input-limit constants where they hold the same bytes.
+
+    A Q/DQ pair converts to FakeQuantize(x, in_lo, in_hi, out_lo, out_hi) with four constants, and for a Q/DQ pair
+    the output limits equal the input ones; one constant per limit drops ~116 IR layers on yolov8n (~35 kB of XML).
+
+    Returns:
+        The number of limit inputs re-pointed.
+    """
+    import numpy as np
+
+    shared = 0
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        sources = [op.input(i).get_source_output() for i in range(5)]
+        if any(s.get_node().get_type_name() != "Constant" for s in sources[1:]):
+            continue
+        values = [s.get_node().get_data() for s in sources[1:]]
+        for k in (0, 1):  # (in_lo, out_lo), (in_hi, out_hi)
+            a, b = values[k], values[k + 2]
+            if a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+                op.input(3 + k).replace_source_output(sources[1 + k])
+                shared += 1
+    return shared
+
+
+def compact_xml(xml: Path) -> None:
+    """Drop the indentation between the IR's XML tags (a fifth of the file; OpenVINO's parser ignores it)."""
+    import re
+
+    text = xml.read_text(encoding="utf-8")
+    xml.write_text(re.sub(r">\s+<", "><", text), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------------------
