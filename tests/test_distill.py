@@ -125,6 +125,15 @@ def test_teacher_frozen_adapters_trained_in_a_real_training_step(tiny_dataset, t
     # adapter weights travel with the checkpoint (live tensors), so --resume restores them
     ckpt = torch.load(tmp_path / "weights" / "last.pt", weights_only=True)
     assert all(torch.equal(ckpt["distill_adapters"][k], v) for k, v in d.state_dict().items())
+    # the adapters are what DDP does not average and what a rollback (non-finite loss, Ctrl-C) must restore too
+    assert {id(p) for p in trainer._params_outside_model()} == {id(p) for p in d.parameters()}
+    snap = trainer._snapshot()
+    saved = [p.detach().clone() for p in d.parameters()]
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(1.0)
+    trainer._restore(snap)
+    assert all(torch.equal(a, p) for a, p in zip(saved, d.parameters()))
 
 
 def test_teacher_with_other_classes_is_refused(tmp_path):

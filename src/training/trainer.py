@@ -164,6 +164,11 @@ class QATTrainer:
         self.writer = None
 
     # ---------------------------------------------------------------------------------------------------------------
+    def _params_outside_model(self) -> list[nn.Parameter]:
+        """Optimizer parameters the DDP wrapper does not see (the distillation adapters' param group)."""
+        own = {id(p) for p in self.model.parameters()}
+        return [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in own]
+
     @property
     def eval_model(self) -> nn.Module:
         """The model that is evaluated and exported: the EMA when enabled."""
@@ -304,6 +309,8 @@ class QATTrainer:
                 raise _NonFinite(i, "non-finite loss")
             self.scaler.scale(loss).backward()
             if (i + 1) % accumulate == 0 or i == nb - 1:
+                if self.world_size > 1:
+                    average_gradients(self._params_outside_model(), self.world_size)
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
                 self.scaler.step(self.optimizer)
@@ -361,6 +368,7 @@ class QATTrainer:
     def _snapshot(self) -> dict:
         return {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "outside": [p.detach().clone() for p in self._params_outside_model()],  # distillation adapters
             "ema": None if self.ema is None else {k: v.detach().clone() for k, v in self.ema.ema.state_dict().items()},
             "ema_updates": None if self.ema is None else self.ema.updates,
             "optimizer": _clone_state(self.optimizer.state_dict()),
@@ -371,6 +379,9 @@ class QATTrainer:
 
     def _restore(self, snap: dict) -> None:
         self.model.load_state_dict(snap["model"])
+        with torch.no_grad():
+            for p, v in zip(self._params_outside_model(), snap["outside"]):
+                p.copy_(v)
         if self.ema is not None:
             self.ema.ema.load_state_dict(snap["ema"])
             self.ema.updates = snap["ema_updates"]
@@ -438,6 +449,22 @@ def distributed_rank() -> int:
 def distributed_world_size() -> int:
     d = torch.distributed
     return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Average gradients over DDP ranks for parameters outside the DDP-wrapped model (distillation adapters).
+
+    DDP averages only the gradients of the module it wraps; an adapter trained beside it would otherwise take each
+    rank's own step and the ranks' adapters would drift apart. A missing gradient counts as zero, so every rank
+    enters the same collectives.
+    """
+    if world_size <= 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(world_size)
 
 
 def _reseed_loader(loader, seed: int, epoch: int) -> None:
