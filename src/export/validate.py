@@ -174,6 +174,9 @@ def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    # ONNX Runtime's workers spin after each run by default: interleaved with the other runtimes they would steal
+    # the cores those are being timed on
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
