@@ -196,7 +196,7 @@ def ov_runner(path: Path, threads: int, f32: bool = False) -> Callable[[np.ndarr
 def tflite_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """The LiteRT interpreter as Ultralytics' ``LiteRTBackend`` runs it (default delegates), boxes back in pixels.
 
-    The export divides box coordinates by the image size inside the graph (one int8 grid for boxes and scores);
+    The export divides box coordinates by the image size inside the graph (as Ultralytics' own LiteRT export does);
     scaling them back gives the units of the other runtimes and of the PyTorch reference.
     """
     from ai_edge_litert.interpreter import Interpreter
