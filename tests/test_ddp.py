@@ -53,16 +53,18 @@ def _grad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, str(REPO))
     import torch.distributed as dist
 
-    from src.training.trainer import average_gradients
+    from src.training.trainer import average_gradients, broadcast_parameters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    a, b, unused = (torch.nn.Parameter(torch.full(shape, float(rank))) for shape in ((3,), (2, 2), (1,)))
     a.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)  # rank 0: 1x, rank 1: 2x
     if rank == 0:
         b.grad = torch.full((2, 2), 4.0)  # rank 1 never computed one
-    average_gradients([a, b], world)
-    torch.save({"a": a.grad, "b": b.grad}, Path(out_dir) / f"grad{rank}.pt")
+    average_gradients([a, b, unused], world)
+    broadcast_parameters([a, b])
+    torch.save({"a": a.grad, "b": b.grad, "unused": unused.grad, "a_value": a.detach(), "b_value": b.detach()},
+               Path(out_dir) / f"grad{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -76,12 +78,15 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_parameters_outside_ddp_get_the_rank_mean_gradient(tmp_path):
-    """Distillation adapters live outside the DDP module: their gradients are averaged by hand, like DDP's."""
+    """Distillation adapters live outside the DDP module: broadcast once and gradients averaged by hand, like DDP."""
     mp.spawn(_grad_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     g0, g1 = (torch.load(tmp_path / f"grad{r}.pt", weights_only=True) for r in (0, 1))
     for g in (g0, g1):
         assert torch.equal(g["a"], torch.tensor([1.5, 3.0, 4.5]))
         assert torch.equal(g["b"], torch.full((2, 2), 2.0))
+        assert g["unused"] is None  # no rank used it: no gradient, so momentum does not move it
+        # values start as rank 0's on every rank
+        assert torch.equal(g["a_value"], torch.zeros(3)) and torch.equal(g["b_value"], torch.zeros(2, 2))
 
 
 def _run(tmp_path: Path, sync: bool) -> tuple[dict, dict]:

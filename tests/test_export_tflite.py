@@ -256,6 +256,13 @@ def test_yolov8n_quantized_convs_int8_and_decoding_tail_float(yolo):
     out = it.get_output_details()[0]
     assert out["dtype"] == np.float32 and not any(op["op_name"] == "DEQUANTIZE" and out["index"] in op["outputs"]
                                                   for op in ops)
+    # the export's own guard: a tail scope that came out int8 (a recipe regex that missed) is an error
+    from src.export.tflite_export import TFLiteExportError, _check_tail_float
+
+    int8_name = next(d["name"] for d in tensors.values() if d["dtype"] == np.int8 and "SiLU" in d["name"])
+    _check_tail_float(path, [[out["name"]]])
+    with pytest.raises(TFLiteExportError, match="came out quantized"):
+        _check_tail_float(path, [[out["name"]], [int8_name]])
 
 
 def test_yolov8n_no_requantization_between_qat_grids(yolo):

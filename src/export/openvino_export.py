@@ -91,8 +91,6 @@ def share_fake_quantize_limits(ov_model) -> int:
     Returns:
         The number of limit inputs re-pointed.
     """
-    import numpy as np
-
     shared = 0
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() != "FakeQuantize":
@@ -103,7 +101,7 @@ def share_fake_quantize_limits(ov_model) -> int:
         values = [s.get_node().get_data() for s in sources[1:]]
         for k in (0, 1):  # (in_lo, out_lo), (in_hi, out_hi)
             a, b = values[k], values[k + 2]
-            if a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+            if a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes():
                 op.input(3 + k).replace_source_output(sources[1 + k])
                 shared += 1
     return shared

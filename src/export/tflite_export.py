@@ -1,4 +1,4 @@
-"""Full-integer (int8) TFLite export that carries the QAT ranges.
+"""Int8 TFLite export that carries the QAT ranges (every quantized conv int8, float detection tail).
 
 Route (the one Ultralytics' own LiteRT export takes, with the calibration step replaced where QAT knows better):
 
@@ -229,8 +229,7 @@ def _export_copy(model: nn.Module, imgsz: tuple[int, int]) -> tuple[nn.Module, n
     """Deep copy in export form, and the module to convert.
 
     For a Detect model that is a wrapper making box coordinates input-relative, as Ultralytics' LiteRT export does:
-    its ``LiteRTBackend`` always multiplies them back by the image size, and one int8 grid then serves boxes and
-    scores alike.
+    its ``LiteRTBackend`` always multiplies them back by the image size.
     """
     from ultralytics.nn.modules import Detect
 
@@ -426,8 +425,9 @@ def _silu_inputs(it, acts: dict[str, ActivationQuant]) -> dict[str, ActivationQu
     return out
 
 
-def _decode_tail(it, quantized_weights: set[str], qat_tensors: set[str]) -> list[str]:
-    """Op scopes of the detection tail: everything between the head's quantized convs and the graph output.
+def _decode_tail(it, quantized_weights: set[str], qat_tensors: set[str]) -> list[list[str]]:
+    """Output tensor names of each op of the detection tail: everything between the head's quantized convs and the
+    graph output.
 
     Walks back from the output and stops at convs whose weights carry QAT scales and at ops whose output carries a
     QAT grid (a model that ends on a quantizer keeps it to the end), so the tail is the DFL softmax and
@@ -438,7 +438,7 @@ def _decode_tail(it, quantized_weights: set[str], qat_tensors: set[str]) -> list
     tensors, ops = _graph(it)
     producer = {o: op for op in ops for o in op["outputs"]}
     stack = [d["index"] for d in it.get_output_details()]
-    seen, scopes = set(), []
+    seen, tail = set(), []
     while stack:
         op = producer.get(stack.pop())
         if op is None or op["index"] in seen:
@@ -447,9 +447,9 @@ def _decode_tail(it, quantized_weights: set[str], qat_tensors: set[str]) -> list
         if (op["op_name"] in WEIGHT_OPS and tensors[op["inputs"][1]]["name"] in quantized_weights
                 or any(tensors[o]["name"] in qat_tensors for o in op["outputs"])):
             continue
-        scopes.append("".join(f"{tensors[o]['name']};" for o in op["outputs"]))
+        tail.append([tensors[o]["name"] for o in op["outputs"]])
         stack.extend(i for i in op["inputs"] if i >= 0)
-    return scopes
+    return tail
 
 
 def _min_max_update(qsv: dict, new: dict) -> dict:
@@ -585,7 +585,8 @@ def export_tflite(
             qt.update_quantization_recipe(regex=".*", operation_name=op,
                                           algorithm_key=recipe.AlgorithmName.NO_QUANTIZE)
         tail = _decode_tail(it, set(wmatch), {*acts, *via_concat, *passthrough})
-        for scope in tail:  # after the head's last quantized convs, as in the ONNX/OpenVINO exports
+        for outputs in tail:  # after the head's last quantized convs, as in the ONNX/OpenVINO exports
+            scope = "".join(f"{n};" for n in outputs)  # ai-edge-quantizer's op scope: output names, each + ";"
             qt.update_quantization_recipe(regex=f"^{re.escape(scope)}$",
                                           operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                           algorithm_key=recipe.AlgorithmName.NO_QUANTIZE)
@@ -604,6 +605,7 @@ def export_tflite(
         for name, (wq, dim) in wmatch.items():
             result[name] = _weight_qsv(wq, dim, ndim[name])
         qt.quantize(calibration_result=result, enable_progress_report=False).export_model(str(path), overwrite=True)
+    _check_tail_float(path, tail)
 
     if metadata:
         with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
@@ -613,6 +615,17 @@ def export_tflite(
     report.seconds, report.calibration_images = time.perf_counter() - t0, len(images)
     LOGGER.info(f"TFLite: {report.summary()}")
     return path, report
+
+
+def _check_tail_float(path: Path, tail: list[list[str]]) -> None:
+    """Every tail op must have come out float: a scope the recipe regex missed would be quantized silently."""
+    tensors, _ = _graph(_interpreter(path, reference_kernels=True))
+    int8 = {d["name"] for d in tensors.values() if d["dtype"] == np.int8}
+    quantized = [n for outputs in tail for n in outputs if n in int8]
+    if quantized:
+        raise TFLiteExportError(
+            f"the detection tail was meant to stay float but {len(quantized)} of its tensors came out quantized "
+            f"(e.g. {quantized[0]}); ai-edge-quantizer did not match its op scope -- export onnx/openvino instead")
 
 
 def _check_coverage(quantizers, acts, weights, wmatch) -> None:

@@ -212,6 +212,8 @@ class QATTrainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
+        if self.world_size > 1:
+            broadcast_parameters(self._params_outside_model())  # the adapters start equal on every rank
         nb = len(loader)
         accumulate = max(round(nominal_batch(self.cfg) / tp.batch_size), 1)
         warmup_iters = round(tp.warmup_epochs * nb) if tp.warmup_epochs > 0 else 0
@@ -379,8 +381,10 @@ class QATTrainer:
 
     def _restore(self, snap: dict) -> None:
         self.model.load_state_dict(snap["model"])
+        outside = self._params_outside_model()
+        assert len(outside) == len(snap["outside"]), "parameters joined the optimizer after the snapshot"
         with torch.no_grad():
-            for p, v in zip(self._params_outside_model(), snap["outside"]):
+            for p, v in zip(outside, snap["outside"]):
                 p.copy_(v)
         if self.ema is not None:
             self.ema.ema.load_state_dict(snap["ema"])
@@ -461,10 +465,20 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     if world_size <= 1:
         return
     for p in params:
+        has_grad = torch.tensor([float(p.grad is not None)], device=p.device)
+        torch.distributed.all_reduce(has_grad)
+        if not has_grad.item():  # unused on every rank: leave it without a gradient, as a single process would
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         torch.distributed.all_reduce(p.grad)
         p.grad.div_(world_size)
+
+
+def broadcast_parameters(params: list[nn.Parameter]) -> None:
+    """Give every rank rank 0's values of parameters outside the DDP-wrapped model (DDP broadcasts only its own)."""
+    for p in params:
+        torch.distributed.broadcast(p.data, 0)
 
 
 def _reseed_loader(loader, seed: int, epoch: int) -> None:
