@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # block name (the heading above it + its index under that heading) -> why it does not run here
 SKIPPED = {
-    "Quick start #1": "make test / make demo: the whole suite itself and a 15-minute demo",
+    "Quick start #1": "make test / make demo: the whole suite itself and a 3.5-minute demo (after install)",
     "Against Ultralytics' own INT8 paths #1": "make bench / compare.py need requirements-bench.txt (nncf, ModelOpt), "
                                               "which make test does not install; tests/test_compare.py covers it",
-    "Against Ultralytics' own INT8 paths #2": "the 17-minute benchmark run whose numbers the table quotes",
+    "Against Ultralytics' own INT8 paths #2": "the 51-minute benchmark run whose numbers the table quotes",
     "Troubleshooting #1": "resumes a run that stopped on CUDA out of memory (tests/test_reliability.py makes one)",
     "Visualizing training progress #1": "its tensorboard line starts a server that runs until stopped (the training "
                                         "line is the Basic usage command with --log-dir)",
