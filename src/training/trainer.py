@@ -314,7 +314,9 @@ class QATTrainer:
                 if self.world_size > 1:
                     average_gradients(self._params_outside_model(), self.world_size)
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+                # one norm over the model and the distillation adapters beside it (none: exactly as before)
+                torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._params_outside_model()],
+                                               max_norm=10.0)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
