@@ -12,8 +12,6 @@ an IR that does not compile) to spec["out"].
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,18 +21,10 @@ sys.path.insert(0, str(ROOT))
 from src.env import prepare_environment  # noqa: E402
 
 
-def median_iqr(times: list[float]) -> tuple[float, float]:
-    """Median and inter-quartile range of timings (IQR 0 for a single timing)."""
-    if len(times) < 2:
-        return times[0], 0.0
-    q = statistics.quantiles(times, n=4)
-    return statistics.median(times), q[2] - q[0]
-
-
 def measure(items: list[dict], imgsz: int, threads: int, warmup: int, runs: int) -> dict[str, dict]:
     import numpy as np
 
-    from src.export.validate import measure_latency, ov_runner
+    from src.export.validate import measure_latency, median_iqr, ov_runner
 
     results: dict[str, dict] = {}
     variants = {}
@@ -47,10 +37,7 @@ def measure(items: list[dict], imgsz: int, threads: int, warmup: int, runs: int)
             results[it["name"]] = {"error": f"{type(e).__name__}: {e}"}
             variants.pop((it["name"], "default"), None)
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    keyed = {f"{n}\0{k}": run for (n, k), run in variants.items()}
-    times = measure_latency(keyed, x, warmup, runs)
-    for key, ts in times.items():
-        name, kind = key.split("\0")
+    for (name, kind), ts in measure_latency(variants, x, warmup, runs).items():
         med, iqr = median_iqr(ts)
         if kind == "default":
             results[name].update(latency_ms=med, latency_iqr_ms=iqr)
@@ -60,15 +47,13 @@ def measure(items: list[dict], imgsz: int, threads: int, warmup: int, runs: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
+    from benchmarks.report import read_spec, write_json
+
+    spec = read_spec(sys.argv[1:] if argv is None else argv, __doc__)
+    if spec is None:
         return 2
-    spec = json.loads(Path(argv[0]).read_text())
     prepare_environment()
     res = measure(spec["items"], spec["imgsz"], spec["threads"], spec["warmup"], spec["runs"])
-    from benchmarks.report import write_json
-
     write_json(res, spec["out"])
     for name, r in res.items():
         line = r["error"] if "error" in r else \

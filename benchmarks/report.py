@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 # Columns of results.json's contender rows that the issue fixes; more keys may follow them.
@@ -97,6 +98,14 @@ def results_doc(rows: list[dict], *, machine: dict, date: str, command: str, set
             raise ValueError(f"contender row {row.get('name')!r} lacks {missing}; build rows with aggregate()")
     return {"machine": machine, "date": date, "command": command, "settings": settings, "fp32_model": fp32 or {},
             "contenders": rows}
+
+
+def read_spec(argv: list[str], usage: str) -> dict | None:
+    """The JSON spec of a benchmark subprocess (its one argument), or None after printing ``usage``."""
+    if len(argv) != 1:
+        print(usage, file=sys.stderr)
+        return None
+    return json.loads(Path(argv[0]).read_text())
 
 
 def write_json(doc: dict, path: str | Path) -> Path:

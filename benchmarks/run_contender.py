@@ -220,14 +220,12 @@ def run(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    result = run(spec)
-    from benchmarks.report import write_json
+    from benchmarks.report import read_spec, write_json
 
+    spec = read_spec(sys.argv[1:] if argv is None else argv, __doc__)
+    if spec is None:
+        return 2
+    result = run(spec)
     write_json(result, Path(spec["out"]) / "result.json")
     print(f"{spec['name']} seed {spec['seed']}: {result['status']}" + (f" ({result['error']})" if result["error"]
                                                                        else ""))

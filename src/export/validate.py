@@ -319,7 +319,7 @@ def parity(reference: list[np.ndarray], runner: Callable, images: np.ndarray) ->
     return float(np.abs(a - b).max()), cos
 
 
-def measure_latency(variants: dict[str, Callable], x: np.ndarray, warmup: int, rounds: int) -> dict[str, list[float]]:
+def measure_latency(variants: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
     """Per variant, ``rounds`` single-image timings (ms), taken round-robin so drift hits every variant alike."""
     for run in variants.values():
         for _ in range(warmup):
@@ -333,7 +333,8 @@ def measure_latency(variants: dict[str, Callable], x: np.ndarray, warmup: int, r
     return times
 
 
-def _median_iqr(ts: list[float]) -> tuple[float, float]:
+def median_iqr(ts: list[float]) -> tuple[float, float]:
+    """Median and inter-quartile range of timings (IQR 0 for a single timing)."""
     q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
     return statistics.median(ts), q[2] - q[0]
 
@@ -505,7 +506,7 @@ def validate(
                         f"batch 1, {threads} thread(s)...")
             times = measure_latency({f"{i}:{k}": v for (i, k), v in variants.items()}, x, warmup, runs)
             for (i, k) in variants:
-                med, iqr = _median_iqr(times[f"{i}:{k}"])
+                med, iqr = median_iqr(times[f"{i}:{k}"])
                 if k == "default":
                     results[i].latency_ms, results[i].latency_iqr_ms = round(med, 3), round(iqr, 3)
                 else:
