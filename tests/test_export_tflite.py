@@ -260,9 +260,9 @@ def test_yolov8n_quantized_convs_int8_and_decoding_tail_float(yolo):
     from src.export.tflite_export import TFLiteExportError, _check_tail_float
 
     int8_name = next(d["name"] for d in tensors.values() if d["dtype"] == np.int8 and "SiLU" in d["name"])
-    _check_tail_float(path, [[out["name"]]])
+    _check_tail_float(by_index, [[out["name"]]])
     with pytest.raises(TFLiteExportError, match="came out quantized"):
-        _check_tail_float(path, [[out["name"]], [int8_name]])
+        _check_tail_float(by_index, [[out["name"]], [int8_name]])
 
 
 def test_yolov8n_no_requantization_between_qat_grids(yolo):
@@ -274,8 +274,6 @@ def test_yolov8n_no_requantization_between_qat_grids(yolo):
     requant = [by_index[op["inputs"][0]] for op in it._get_ops_details()
                if op["op_name"] == "QUANTIZE" and by_index[op["inputs"][0]] in carried]
     assert requant == []
-    # every int8 tensor is accounted for; calibration ranges only where no QAT quantizer exists
-    assert all(t.quantizer is None for t in report.tensors if t.source == "calibration")
     assert report.int8_size_bytes < 0.28 * report.float_size_bytes
 
 

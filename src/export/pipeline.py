@@ -115,7 +115,6 @@ def _tflite(ctx: ExportContext) -> list[Path]:
 
     path, report = export_tflite(ctx.model, ctx.export_dir / "tflite" / f"{ctx.stem}.tflite", ctx.imgsz,
                                  ctx.metadata)
-    LOGGER.info(f"TFLite ranges: {report.summary()}")
     report_path = path.with_name(f"{ctx.stem}_tflite_ranges.json")
     report_path.write_text(json.dumps(report.to_dict(), indent=1))
     return [path, report_path]

@@ -605,21 +605,21 @@ def export_tflite(
         for name, (wq, dim) in wmatch.items():
             result[name] = _weight_qsv(wq, dim, ndim[name])
         qt.quantize(calibration_result=result, enable_progress_report=False).export_model(str(path), overwrite=True)
-    _check_tail_float(path, tail)
+    written = _graph(_interpreter(path, reference_kernels=True))
+    _check_tail_float(written[0], tail)
 
     if metadata:
         with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("metadata.json", json.dumps(metadata))
-    report = _report(path, acts, via_concat, passthrough, pre_silu, wmatch)
+    report = _report(path, written, acts, via_concat, passthrough, pre_silu, wmatch)
     report.float_size_bytes, report.int8_size_bytes = float_size, path.stat().st_size
     report.seconds, report.calibration_images = time.perf_counter() - t0, len(images)
     LOGGER.info(f"TFLite: {report.summary()}")
     return path, report
 
 
-def _check_tail_float(path: Path, tail: list[list[str]]) -> None:
+def _check_tail_float(tensors: dict[int, dict], tail: list[list[str]]) -> None:
     """Every tail op must have come out float: a scope the recipe regex missed would be quantized silently."""
-    tensors, _ = _graph(_interpreter(path, reference_kernels=True))
     int8 = {d["name"] for d in tensors.values() if d["dtype"] == np.int8}
     quantized = [n for outputs in tail for n in outputs if n in int8]
     if quantized:
@@ -649,14 +649,13 @@ def _qparams(d: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(p["scales"], dtype=np.float32), np.asarray(p["zero_points"], dtype=np.int64)
 
 
-def _report(path: Path, acts, via_concat, passthrough, pre_silu, wmatch) -> TFLiteReport:
+def _report(path: Path, graph, acts, via_concat, passthrough, pre_silu, wmatch) -> TFLiteReport:
     """Classify every int8 tensor of the written model by where its range came from.
 
     The quantized model keeps the float model's tensor names (both come from the same flatbuffer), so the
     value-based matches made on the float model carry over by those names.
     """
-    it = _interpreter(path, reference_kernels=True)
-    tensors, ops = _graph(it)
+    tensors, ops = graph
     producer = {o: op for op in ops for o in op["outputs"]}
     weight_inputs = {op["inputs"][1] for op in ops if op["op_name"] in WEIGHT_OPS}
     report = TFLiteReport(str(path))
