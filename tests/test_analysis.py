@@ -106,7 +106,8 @@ def test_cli_analyze_on_a_run_and_on_its_checkpoint(tiny_dataset, tmp_path):
                  *common]) == 0
     rep = json.loads((run / "analysis" / "report.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
-    assert rep["performance"]["ptq"]["map50_95"] == metrics["ptq"]["map50_95"]  # reused, not re-validated
+    assert rep["performance"]["ptq"]["map50_95"] == metrics["ptq"]["map50_95"]
+    assert rep["performance"]["ptq"]["source"] == str(run / "metrics.json")  # reused, not re-validated
     assert rep["latency"] == []  # no exports: skipped
     # analysing the checkpoint alone (no training) gives the same static numbers
     run2 = tmp_path / "ckpt_only"

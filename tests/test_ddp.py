@@ -90,11 +90,7 @@ def test_parameters_outside_ddp_get_the_rank_mean_gradient(tmp_path):
 
 
 def _run(tmp_path: Path, sync: bool) -> tuple[dict, dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path), sync), nprocs=2, join=True)
     return (torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True))
 
@@ -113,12 +109,9 @@ def test_observer_state_identical_on_both_ranks(tmp_path):
 
 def test_torchrun_two_cpu_processes_train_end_to_end(tiny_dataset, tmp_path):
     """The DDP training path (what --device 0,1 launches) run on CPU with gloo: one shared result, rank 0 saves."""
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "train_qat.py", "--model", "yolov8n.yaml", "--data", str(tiny_dataset), "--img-size", "64",

@@ -107,7 +107,6 @@ def test_teacher_frozen_adapters_trained_in_a_real_training_step(tiny_dataset, t
     assert len(adapters) == 3
     assert [g["group"] for g in trainer.optimizer.param_groups][-1] == "distill"
     assert {id(p) for p in trainer.optimizer.param_groups[-1]["params"]} == {id(p) for p in d.parameters()}
-    assert not any(id(p) in {id(q) for q in student.parameters()} for p in teacher.parameters())
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     a_before = [p.detach().clone() for p in d.parameters()]
     student.train()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -16,10 +15,8 @@ from src.quantization.mixed_precision import (
     SensitivityTable,
     assign_bits,
     average_bits,
-    measure_sensitivity,
     mixed_precision_stage,
     search_max_map_drop,
-    uniform_assignment,
 )
 
 
@@ -155,10 +152,8 @@ def test_stage_measures_caches_assigns_and_round_trips_through_checkpoint(tiny_d
     assert [p["label"] for p in res.points] == ["uniform W8A8", "uniform W4A8", "mixed (chosen)"]
     assert all(p["map50_95"] is not None for p in res.points)
 
-    t0 = time.time()
     again = mixed_precision_stage(fp32, cfg, data, str(tiny_dataset), dev, progress=False)
     assert again.cached and again.table.to_dict() == res.table.to_dict() and again.bit_overrides == res.bit_overrides
-    assert time.time() - t0 < 5
 
     # recompute one layer's numbers directly: only its 4-bit weight quantizer on
     name = res.table.layers[5].name

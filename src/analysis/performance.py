@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,7 @@ def export_latency(export_dir: Path | None, imgsz: int, warmup: int = 3, rounds:
     """
     if export_dir is None or not Path(export_dir).is_dir():
         return []
-    from src.export.validate import discover, measure_latency, runners_for
+    from src.export.validate import discover, measure_latency, median_iqr, runners_for, size_mb
 
     try:
         targets = discover([str(export_dir)])
@@ -83,14 +82,9 @@ def export_latency(export_dir: Path | None, imgsz: int, warmup: int = 3, rounds:
             LOGGER.warning(f"analysis: could not time {t.path}: {err}")
             rows.append({"path": str(t.path), "format": t.format, "error": str(err)})
             continue
+        size = round(size_mb(t), 4)
         for variant, ts in times.items():
-            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            med, iqr = median_iqr(ts)
             rows.append({"path": str(t.path), "format": t.format, "variant": variant, "threads": threads,
-                         "median_ms": round(statistics.median(ts), 3), "iqr_ms": round(q[2] - q[0], 3),
-                         "size_mb": round(Path(t.path).stat().st_size / 1e6 + _bin_size(t.path), 4)})
+                         "median_ms": round(med, 3), "iqr_ms": round(iqr, 3), "size_mb": size})
     return rows
-
-
-def _bin_size(path) -> float:
-    b = Path(path).with_suffix(".bin")
-    return b.stat().st_size / 1e6 if Path(path).suffix == ".xml" and b.exists() else 0.0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +103,11 @@ def lr_factor(cfg, epoch: int, epochs: int, lrf: float = 0.01) -> float:
     """Per-epoch lr multiplier, exactly Ultralytics' schedules: cosine (one_cycle) or linear from 1 towards ``lrf``
     over ``epochs`` (epoch ``epochs - 1`` is the last one run, so the floor itself is never reached — with the default
     2 epochs the second runs at about half the lr, as ``yolo train`` would)."""
-    t = epoch / max(epochs, 1)
     if cfg.train_params.lr_scheduler == "cosine":
-        return ((1 - math.cos(t * math.pi)) / 2) * (lrf - 1) + 1
-    return (1 - t) * (1.0 - lrf) + lrf
+        from ultralytics.utils.torch_utils import one_cycle
+
+        return one_cycle(1, lrf, max(epochs, 1))(epoch)
+    return (1 - epoch / max(epochs, 1)) * (1.0 - lrf) + lrf
 
 
 class QATTrainer:
@@ -212,8 +212,9 @@ class QATTrainer:
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
+        self._outside = self._params_outside_model()  # fixed from here on; read every optimizer step
         if self.world_size > 1:
-            broadcast_parameters(self._params_outside_model())  # the adapters start equal on every rank
+            broadcast_parameters(self._outside)  # the adapters start equal on every rank
         nb = len(loader)
         accumulate = max(round(nominal_batch(self.cfg) / tp.batch_size), 1)
         warmup_iters = round(tp.warmup_epochs * nb) if tp.warmup_epochs > 0 else 0
@@ -312,10 +313,10 @@ class QATTrainer:
             self.scaler.scale(loss).backward()
             if (i + 1) % accumulate == 0 or i == nb - 1:
                 if self.world_size > 1:
-                    average_gradients(self._params_outside_model(), self.world_size)
+                    average_gradients(self._outside, self.world_size)
                 self.scaler.unscale_(self.optimizer)
                 # one norm over the model and the distillation adapters beside it (none: exactly as before)
-                torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._params_outside_model()],
+                torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._outside],
                                                max_norm=10.0)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
