@@ -11,8 +11,10 @@ import logging
 import os
 import sys
 
+from src.config import ModelConfig, QATParams, QuantizationConfig, TrainParams
 from src.env import prepare_environment
 from src.errors import QATError
+from src.quantization.presets import PRESET_NAMES
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -32,6 +34,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser; every default named in its help is read from the config dataclasses and the presets."""
+    tp, qp, quant = TrainParams(), QATParams(), QuantizationConfig()
     p = argparse.ArgumentParser(
         prog="train_qat.py",
         description="Quantization-aware training for Ultralytics YOLOv8 detectors: prepare, calibrate, train, "
@@ -42,30 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None,
                    help="FP32 checkpoint (.pt), model YAML (yolov8n.yaml: random init), bare name looked up in "
                    "models/pretrained/ then the working directory, or a QAT checkpoint of this toolkit "
-                   "(default: models/pretrained/yolov8{model.variant}.pt)")
+                   f"(default: models/pretrained/yolov8{{model.variant}}.pt = yolov8{ModelConfig().variant}.pt)")
     b.add_argument("--data", default=None,
                    help="Ultralytics dataset YAML (default: coco.yaml; optional for export-only runs)")
     b.add_argument("--config", default=DEFAULT_CONFIG, help="QAT configuration file")
     q = p.add_argument_group("QAT parameters")
     q.add_argument("--qconfig", default=None,
-                   help="quantization preset: default, sensitive, tensorrt, openvino, w4a8; replaces the config's "
-                   "weight/activation/fake_quantize sections (default: quantization.default_qconfig = default)")
+                   help=f"quantization preset: {', '.join(PRESET_NAMES)}; replaces the config's "
+                   f"weight/activation/fake_quantize sections (default: quantization.default_qconfig = "
+                   f"{quant.default_qconfig})")
     q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="fold BatchNorm into conv weights before weight fake-quant (default: qat_params.fuse_modules "
-                   "= True); --no-fuse keeps BN unfused")
+                   f"= {qp.fuse_modules}); --no-fuse keeps BN unfused")
     head = q.add_mutually_exclusive_group()
     head.add_argument("--keep-detection-head", dest="skip_head", action="store_false", default=None,
-                      help="quantize the Detect head convs (default: qat_params.skip_detection_head = False)")
+                      help=f"quantize the Detect head convs (default: qat_params.skip_detection_head = "
+                      f"{qp.skip_detection_head})")
     head.add_argument("--skip-detection-head", dest="skip_head", action="store_true", default=None,
-                      help="keep the Detect head convs in float (default: qat_params.skip_detection_head = False)")
+                      help=f"keep the Detect head convs in float (default: qat_params.skip_detection_head = "
+                      f"{qp.skip_detection_head})")
     t = p.add_argument_group("training parameters")
-    t.add_argument("--epochs", type=int, default=None, help="QAT epochs; 0 = calibration only (PTQ) (default: 2)")
-    t.add_argument("--batch-size", type=int, default=None, help="batch size (default: 16)")
-    t.add_argument("--img-size", type=int, default=None, help="input image size (default: 640)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.0005)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"QAT epochs; 0 = calibration only (PTQ) (default: {tp.epochs})")
+    t.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {tp.batch_size})")
+    t.add_argument("--img-size", type=int, default=None, help=f"input image size (default: {tp.img_size})")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {tp.lr:g})")
     t.add_argument("--device", default=None,
-                   help="cuda, cpu, 0, 0,1 or cuda:N (default: cuda, falling back to cpu when no GPU exists)")
-    t.add_argument("--workers", type=int, default=None, help="dataloader workers (default: 2)")
+                   help=f"cuda, cpu, 0, 0,1 or cuda:N (default: {tp.device}, falling back to cpu when no GPU exists)")
+    t.add_argument("--workers", type=int, default=None, help=f"dataloader workers (default: {tp.workers})")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --save-dir")
     o = p.add_argument_group("output parameters")
     o.add_argument("--save-dir", default=DEFAULT_SAVE_DIR, help="directory to save results")
@@ -75,12 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse --save-dir even if it holds a finished run (default: numbered sibling qat2, qat3, ...)")
     a = p.add_argument_group("advanced parameters")
     a.add_argument("--distillation", action="store_true", default=None,
-                   help="use knowledge distillation (default: qat_params.use_distillation = False)")
+                   help=f"use knowledge distillation (default: qat_params.use_distillation = {qp.use_distillation})")
     a.add_argument("--teacher-model", default=None, help="teacher checkpoint (default: the FP32 source model)")
     a.add_argument("--mixed-precision", action="store_true", default=None,
-                   help="sensitivity-driven per-layer bit widths (default: qat_params.use_mixed_precision = False)")
+                   help="sensitivity-driven per-layer bit widths (default: qat_params.use_mixed_precision = "
+                   f"{qp.use_mixed_precision})")
     a.add_argument("--analyze", action="store_true", help="write the quantization analysis report")
-    a.add_argument("--seed", type=int, default=None, help="random seed (default: 42)")
+    a.add_argument("--seed", type=int, default=None, help=f"random seed (default: {tp.seed})")
     a.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized models after training")
     a.add_argument("--export", action="store_true", help="export after training (formats from export.formats)")
     a.add_argument("--export-dir", default=DEFAULT_EXPORT_DIR, help="directory for exports")
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     prepare_environment()
     try:
-        from src.pipeline import launch_ddp, run
+        # deferred: the pipeline imports Ultralytics, which must start after prepare_environment()
+        from src.pipeline import run
+        from src.stages.device import launch_ddp
 
         if args.device and "," in args.device and "LOCAL_RANK" not in os.environ:
             return launch_ddp(argv, args.device)

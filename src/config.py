@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
-import difflib
 import logging
 import re
 import types
@@ -25,16 +24,14 @@ from typing import Any, ClassVar, Mapping, Union
 
 import yaml
 
-from src.errors import QATError
+from src.errors import ConfigError, suggest
+from src.export import registry as export_formats
+from src.quantization import vocabulary as vocab
+from src.quantization.presets import get_preset
 
 LOGGER = logging.getLogger("yolov8_qat")
 
-EXPORT_FORMATS = ("onnx", "openvino", "tensorrt", "tflite")
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?|\d+(,\d+)*)$")
-
-
-class ConfigError(QATError, ValueError):
-    """A configuration key, value or combination is invalid; the message says which and how to fix it."""
 
 
 # Key path of the section being built, so a section validated inside a larger tree reports "quantization.weight.x"
@@ -46,14 +43,6 @@ def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
-
-
-def suggest(name: str, valid: typing.Iterable[str]) -> str:
-    """Return " (did you mean 'x'?)" for the closest valid name, or "" when nothing is close."""
-    close = difflib.get_close_matches(str(name), list(valid), n=2, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
 
 
 def _unknown_key_error(path: str, key: str, valid: typing.Iterable[str]) -> ConfigError:
@@ -160,6 +149,8 @@ class _Section:
     _CHOICES: ClassVar[dict[str, tuple]] = {}
     # field -> noun used in choice errors ("is not a valid format")
     _CHOICE_NOUN: ClassVar[dict[str, str]] = {}
+    # field -> {accepted other name: canonical value}, resolved before the choice check
+    _ALIASES: ClassVar[dict[str, dict[str, str]]] = {}
     # field -> (low, high, low_open, high_open); None = unbounded
     _RANGES: ClassVar[dict[str, tuple]] = {}
 
@@ -218,6 +209,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def check_field(cls: type[_Section], name: str, value: Any, path: str) -> Any:
     """Type-check one field of section ``cls`` and its single-field rules; return the coerced value."""
     value = _coerce(value, _hints(cls)[name], path)
+    value = cls._ALIASES.get(name, {}).get(value, value) if isinstance(value, str) else value
     choices = cls._CHOICES.get(name)
     if choices is not None and value is not None:
         for item in value if isinstance(value, list) else [value]:
@@ -254,9 +246,6 @@ class ModelConfig(_Section):
     _CHOICES: ClassVar[dict] = {"architecture": ("yolov8",), "variant": ("n", "s", "m", "l", "x")}
 
 
-OBSERVERS = ("minmax", "moving_average_minmax", "per_channel_minmax", "histogram")
-
-
 @dataclass
 class QuantizerConfig(_Section):
     """How one tensor kind (weights or activations) is quantized.
@@ -279,10 +268,10 @@ class QuantizerConfig(_Section):
 
     _LABEL: ClassVar[str] = "quantizer"
     _CHOICES: ClassVar[dict] = {
-        "dtype": ("qint8", "quint8"),
-        "scheme": ("per_tensor", "per_channel"),
-        "observer": OBSERVERS,
-        "histogram_method": ("percentile", "mse", "entropy"),
+        "dtype": vocab.DTYPES,
+        "scheme": vocab.SCHEMES,
+        "observer": vocab.OBSERVERS,
+        "histogram_method": vocab.HISTOGRAM_METHODS,
     }
     _RANGES: ClassVar[dict] = {
         "bit_width": (2, 16, False, False),
@@ -293,16 +282,9 @@ class QuantizerConfig(_Section):
     }
 
     def _check_combination(self, path: str) -> None:
-        if self.observer == "per_channel_minmax" and self.scheme != "per_channel":
-            raise ConfigError(
-                f"{path}.observer: 'per_channel_minmax' needs scheme 'per_channel' (got {self.scheme!r}); "
-                "set scheme: per_channel, or use observer 'minmax' for one range per tensor"
-            )
-        if self.scheme == "per_channel" and self.observer in ("moving_average_minmax", "histogram"):
-            raise ConfigError(
-                f"{path}.observer: {self.observer!r} is per-tensor only but scheme is 'per_channel'; "
-                "use observer 'minmax' (or 'per_channel_minmax') with per_channel, or set scheme: per_tensor"
-            )
+        problem = vocab.observer_scheme_problem(self.observer, self.scheme)
+        if problem:
+            raise ConfigError(f"{path}.observer: {problem}")
 
     @property
     def per_channel(self) -> bool:
@@ -310,7 +292,7 @@ class QuantizerConfig(_Section):
 
     @property
     def signed(self) -> bool:
-        return self.dtype == "qint8"
+        return self.dtype == vocab.SIGNED_DTYPE
 
     @property
     def observer_kind(self) -> str:
@@ -322,29 +304,39 @@ class QuantizerConfig(_Section):
 
 @dataclass
 class FakeQuantizeConfig(_Section):
-    """Gradient rule of the fake quantizers: ``custom`` = STE with clipping mask (x grad_factor), ``lsq`` = LSQ.
+    """Gradient rule of the fake quantizers: ``ste`` = STE with clipping mask (x grad_factor), ``lsq`` = LSQ.
+
+    ``custom`` (the spec's name for the straight-through estimator) is accepted and stored as ``ste``.
 
     ``learn_zero_point`` (LSQ+) takes effect only with type ``lsq`` on asymmetric quantizers (see
     :meth:`learns_zero_point`); symmetric ones keep zero-point 0, so one section can serve weights and activations.
     """
 
-    type: str = "custom"
+    type: str = vocab.STE
     grad_factor: float = 1.0
     learn_zero_point: bool = False
 
     _LABEL: ClassVar[str] = "fake_quantize"
-    _CHOICES: ClassVar[dict] = {"type": ("custom", "lsq")}
+    _CHOICES: ClassVar[dict] = {"type": vocab.FAKE_QUANT_TYPES}
+    _ALIASES: ClassVar[dict] = {"type": vocab.FAKE_QUANT_ALIASES}
     _RANGES: ClassVar[dict] = {"grad_factor": (0.0, None, True, False)}
 
     def learns_zero_point(self, quantizer: QuantizerConfig) -> bool:
         """Whether ``quantizer``'s zero-point is a learned parameter (LSQ+): lsq, learn_zero_point, asymmetric."""
-        return self.type == "lsq" and self.learn_zero_point and not quantizer.symmetric
+        return self.type == vocab.LSQ and self.learn_zero_point and not quantizer.symmetric
+
+
+def preset_sections(name: str) -> dict:
+    """Fresh, validated ``weight``/``activation``/``fake_quantize`` sections of preset ``name``."""
+    preset = get_preset(name)
+    return {
+        "weight": QuantizerConfig.from_dict(preset["weight"], f"presets.{name}.weight"),
+        "activation": QuantizerConfig.from_dict(preset["activation"], f"presets.{name}.activation"),
+        "fake_quantize": FakeQuantizeConfig.from_dict(preset["fake_quantize"], f"presets.{name}.fake_quantize"),
+    }
 
 
 def _preset_section(section: str) -> Any:
-    # Lazy: qconfig.py imports this module.
-    from src.quantization.qconfig import preset_sections
-
     return preset_sections("default")[section]
 
 
@@ -362,8 +354,6 @@ class QuantizationConfig(_Section):
     _LABEL: ClassVar[str] = "quantization"
 
     def _check_combination(self, path: str) -> None:
-        from src.quantization.qconfig import get_preset
-
         try:
             get_preset(self.default_qconfig)
         except ConfigError as err:
@@ -377,12 +367,9 @@ class QuantizationConfig(_Section):
 
 
 def _check_weight_rules(weight: QuantizerConfig, path: str) -> None:
-    if not weight.symmetric or weight.dtype != "qint8":
-        raise ConfigError(
-            f"{path}: weights are quantized signed and symmetric (zero-point 0, the form ONNX/TensorRT/TFLite "
-            f"int8 kernels take); got dtype={weight.dtype!r}, symmetric={weight.symmetric}; "
-            "set dtype: qint8 and symmetric: true"
-        )
+    problem = vocab.weight_rule_problem(weight.dtype, weight.symmetric)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
 
 
 _LAYER_SECTIONS = {"weight": QuantizerConfig, "activation": QuantizerConfig, "fake_quantize": FakeQuantizeConfig}
@@ -637,7 +624,7 @@ class ExportConfig(_Section):
     dynamic: bool = False
 
     _LABEL: ClassVar[str] = "export"
-    _CHOICES: ClassVar[dict] = {"formats": EXPORT_FORMATS}
+    _CHOICES: ClassVar[dict] = {"formats": export_formats.names()}
     _CHOICE_NOUN: ClassVar[dict] = {"formats": "format"}
     _RANGES: ClassVar[dict] = {"opset": (13, None, False, False), "tolerance": (0.0, None, False, False)}
 
@@ -672,7 +659,7 @@ class QATConfig(_Section):
 
     def _check_combination(self, path: str) -> None:
         self._apply_use_lsq()
-        self._apply_tensorrt_rule()
+        self._apply_symmetric_activation_rule()
         q = self.quantization
         bases = {"weight": q.weight, "activation": q.activation, "fake_quantize": q.fake_quantize}
         self._check_exportable("quantization.weight", q.weight)
@@ -687,19 +674,21 @@ class QATConfig(_Section):
                         _check_weight_rules(merged, where)
                     if section != "fake_quantize":
                         self._check_exportable(where, merged)
-        if "tensorrt" in self.export.formats and self.export.dynamic:
+        static = export_formats.refusing_dynamic_shapes(self.export.formats)
+        if static is not None and self.export.dynamic:
             raise ConfigError(
-                "export.dynamic: true cannot be combined with tensorrt in export.formats (the engine needs an "
-                "optimization profile for dynamic shapes); set dynamic: false or drop tensorrt"
+                f"export.dynamic: true cannot be combined with {static.name} in export.formats "
+                f"({static.static_shapes}); set dynamic: false or drop {static.name}"
             )
 
     def _check_exportable(self, where: str, quantizer: "QuantizerConfig") -> None:
-        """Every export format here stores int8 tensors (QDQ / TFLite int8): more than 8 bits cannot deploy."""
-        if quantizer.bit_width > 8 and self.export.formats:
+        """The export formats store int8 tensors (QDQ / TFLite int8): a wider quantizer cannot deploy."""
+        max_bits = export_formats.max_bits(self.export.formats)
+        if max_bits is not None and quantizer.bit_width > max_bits:
             raise ConfigError(
                 f"{where}.bit_width: {quantizer.bit_width} bits cannot be exported to "
-                f"{', '.join(self.export.formats)} (their INT8 tensors hold at most 8 bits); use bit_width <= 8, "
-                "or set export.formats: [] for a model that is only trained and evaluated"
+                f"{', '.join(self.export.formats)} (their INT8 tensors hold at most {max_bits} bits); use "
+                f"bit_width <= {max_bits}, or set export.formats: [] for a model that is only trained and evaluated"
             )
 
     def _note(self, message: str, level: int = logging.INFO) -> None:
@@ -710,17 +699,18 @@ class QATConfig(_Section):
     def _apply_use_lsq(self) -> None:
         use_lsq = self.qat_params.use_lsq
         fq = self.quantization.fake_quantize
-        if use_lsq is True and fq.type != "lsq":
-            fq.type = "lsq"
-            self._note("quantization.fake_quantize.type: 'custom' -> 'lsq' because qat_params.use_lsq is true")
-        elif use_lsq is False and fq.type != "custom":
-            fq.type = "custom"
-            self._note("quantization.fake_quantize.type: 'lsq' -> 'custom' because qat_params.use_lsq is false")
+        forced = {True: vocab.LSQ, False: vocab.STE}.get(use_lsq)
+        if forced is not None and fq.type != forced:
+            self._note(f"quantization.fake_quantize.type: {fq.type!r} -> {forced!r} because qat_params.use_lsq is "
+                       f"{str(use_lsq).lower()}")
+            fq.type = forced
 
-    def _apply_tensorrt_rule(self) -> None:
-        # TensorRT's int8 kernels take only zero-point-0 (signed symmetric) activations; switching before calibration
-        # lets QAT train the ranges that will deploy instead of re-deriving them at export.
-        if "tensorrt" not in self.export.formats:
+    def _apply_symmetric_activation_rule(self) -> None:
+        # A format such as TensorRT whose int8 kernels take only zero-point-0 (signed symmetric) activations:
+        # switching before calibration lets QAT train the ranges that will deploy instead of re-deriving them at
+        # export.
+        fmt = export_formats.needing_symmetric_activations(self.export.formats)
+        if fmt is None:
             return
         act = self.quantization.activation
         if not act.symmetric or act.dtype != "qint8":
@@ -728,7 +718,7 @@ class QATConfig(_Section):
             act.symmetric, act.dtype = True, "qint8"
             self._note(
                 f"quantization.activation: {before} -> dtype='qint8', symmetric=True because export.formats "
-                "includes tensorrt (TensorRT needs zero-point-0 activations)",
+                f"includes {fmt.name} ({fmt.symmetric_activations})",
                 logging.WARNING,
             )
         for i, entry in enumerate(self.layer_configs):
@@ -741,7 +731,7 @@ class QATConfig(_Section):
                     over["dtype"] = "qint8"
                 self._note(
                     f"layer_configs[{i}].activation: {before} -> symmetric qint8 because export.formats includes "
-                    "tensorrt",
+                    f"{fmt.name}",
                     logging.WARNING,
                 )
 
@@ -804,8 +794,6 @@ def build_config(
         qconfig: a preset named on the command line. It replaces the file's ``quantization.weight``, ``activation``
             and ``fake_quantize`` sections wholesale and becomes ``quantization.default_qconfig``.
     """
-    from src.quantization.qconfig import get_preset, preset_sections
-
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -19,7 +19,7 @@ def preprocess_image(image_bgr: np.ndarray, imgsz: int = 640) -> np.ndarray:
     Returns:
         ``(1, 3, imgsz, imgsz)`` float32 RGB array in [0, 1].
     """
-    from ultralytics.data.augment import LetterBox
+    from ultralytics.data.augment import LetterBox  # deferred: Ultralytics starts after prepare_environment()
 
     if image_bgr is None or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
         raise ValueError("preprocess_image expects an HxWx3 BGR image (cv2.imread returns None for unreadable files)")
@@ -42,6 +42,7 @@ def postprocess(output: np.ndarray, image_shape: tuple[int, int], imgsz: int = 6
     Returns:
         ``(n, 6)`` array: x1, y1, x2, y2 (original-image pixels), score, class index.
     """
+    # deferred: torch and Ultralytics are only needed here, and Ultralytics starts after prepare_environment()
     import torch
     from ultralytics.utils import ops
     from ultralytics.utils.nms import non_max_suppression

@@ -132,7 +132,7 @@ def _install_fonts(config_dir: Path) -> None:
     missing = [name for name in FONT_NAMES if not (config_dir / name).is_file()]
     if not missing:
         return
-    import matplotlib  # only needed once per config dir
+    import matplotlib  # deferred: only needed once per config dir
 
     source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     if not source.is_file():
@@ -193,7 +193,7 @@ def _openvino_telemetry_off() -> None:
     send an opt-out event over the network; writing the file through the package's own
     OptInChecker is the same opt-out without the event.
     """
-    try:
+    try:  # deferred: optional (OpenVINO's telemetry package), probed only here
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
     except ImportError:
         return  # no OpenVINO telemetry installed: nothing can be sent

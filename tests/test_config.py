@@ -19,8 +19,8 @@ from src.config import (
     build_config,
     config_from_yaml,
     load_config,
+    preset_sections,
 )
-from src.quantization.qconfig import preset_sections
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "qat_config.yaml"
@@ -152,8 +152,9 @@ def test_direct_construction_validates_too():
         QuantizerConfig(bit_width=40)
     with pytest.raises(ConfigError, match=r"^train_params\.epochs: -1 is out of range"):
         TrainParams(epochs=-1)
-    with pytest.raises(ConfigError, match=r"^fake_quantize\.type: 'ste' is not a valid value"):
-        FakeQuantizeConfig(type="ste")
+    with pytest.raises(ConfigError, match=r"^fake_quantize\.type: 'straight' is not a valid value"):
+        FakeQuantizeConfig(type="straight")
+    assert FakeQuantizeConfig(type="custom").type == "ste"
 
 
 # ------------------------------------------------------------------------------------------------------ precedence
@@ -214,7 +215,7 @@ def test_shipped_config_runs_plain_qat():
     cfg = load_config(SHIPPED)
     qp = cfg.qat_params
     assert (qp.use_distillation, qp.use_mixed_precision, qp.post_qat_fine_tuning, qp.use_lsq) == (False, False, False, None)
-    assert cfg.quantization.fake_quantize.type == "custom"
+    assert cfg.quantization.fake_quantize.type == "ste"
     assert cfg.train_params.epochs == 2 and cfg.train_params.lr == 0.0005
     assert cfg.auto_adjustments == []
     # Every section of the spec's section 6 is present in the file.
@@ -241,8 +242,22 @@ def test_use_lsq_forces_type_and_null_lets_preset_decide():
     assert build_config({"qat_params": {"use_lsq": True}}).quantization.fake_quantize.type == "lsq"
     assert build_config({}, qconfig="sensitive").quantization.fake_quantize.type == "lsq"
     forced = build_config({"qat_params": {"use_lsq": False}}, qconfig="sensitive")
-    assert forced.quantization.fake_quantize.type == "custom"
-    assert forced.auto_adjustments == ["quantization.fake_quantize.type: 'lsq' -> 'custom' because qat_params.use_lsq is false"]
+    assert forced.quantization.fake_quantize.type == "ste"
+    assert forced.auto_adjustments == ["quantization.fake_quantize.type: 'lsq' -> 'ste' because qat_params.use_lsq is false"]
+
+
+def test_custom_is_the_spec_name_of_ste_and_is_stored_as_ste(caplog):
+    # The spec's YAML writes type: "custom"; it must load as written, without warnings, and mean STE.
+    text = ("quantization:\n  fake_quantize:\n    type: \"custom\"\n"
+            "layer_configs:\n  - pattern: model.0.conv\n    config:\n      fake_quantize: {type: custom}\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = config_from_yaml(text)
+    assert cfg.quantization.fake_quantize.type == "ste"
+    assert cfg.layer_configs[0].fake_quantize == {"type": "ste"}
+    assert cfg.auto_adjustments == [] and not caplog.records
+    assert config_from_yaml(cfg.to_yaml()) == cfg
+    with pytest.raises(ConfigError, match="'stee' is not a valid"):
+        build_config({"quantization": {"fake_quantize": {"type": "stee"}}})
 
 
 def test_tensorrt_switches_activations_to_symmetric(caplog):

@@ -55,7 +55,7 @@ def act_fq(fq=FQCfg(), **kw):
     (lambda: act_fq(dtype="int8"), "dtype"),
     (lambda: act_fq(bit_width=1), "bit_width"),
     (lambda: act_fq(bit_width=17), "bit_width"),
-    (lambda: act_fq(FQCfg(type="pact")), "custom or lsq"),
+    (lambda: act_fq(FQCfg(type="pact")), "ste or lsq"),
     (lambda: act_fq(FQCfg(learn_zero_point=True)), "type: lsq"),
     (lambda: act_fq(FQCfg(type="lsq", learn_zero_point=True), symmetric=True), "asymmetric"),
     (lambda: act_fq(FQCfg(grad_factor=0.0)), "grad_factor"),
@@ -215,7 +215,7 @@ MODES = {
     "lsq_weight_pc": lambda: weight_fq(FQCfg(type="lsq")),
     "lsq_plus_act": lambda: act_fq(FQCfg(type="lsq", learn_zero_point=True)),
     "hist_act_4bit": lambda: act_fq(observer="histogram", histogram_method="mse", histogram_bins=128, bit_width=4),
-    "act_per_channel_axis1": lambda: FakeQuantize(replace(ACT, scheme="per_channel", ch_axis=1), FQCfg(),
+    "act_per_channel_axis1": lambda: FakeQuantize(replace(ACT, observer="minmax", scheme="per_channel", ch_axis=1), FQCfg(),
                                                   is_weight=False, num_channels=4, name="pc"),
 }
 
@@ -247,7 +247,7 @@ def test_extra_repr_shows_live_state():
     fq = weight_fq(bit_width=4).train()
     fq(torch.randn(4, 2))
     r = repr(fq)
-    for part in ("bits=4", "signed", "per-channel(axis=0)", "symmetric=True", "type=custom",
+    for part in ("bits=4", "signed", "per-channel(axis=0)", "symmetric=True", "type=ste",
                  "observer=per_channel_minmax",
                  f"{fq.scale.min().item():.6g}", "zero_point=[0, 0]"):
         assert part in r, part

@@ -9,18 +9,16 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from src.config import ConfigError, QATConfig, build_config, load_config
-from src.quantization.qconfig import (
-    PRESETS,
+from src.config import ConfigError, QATConfig, build_config, load_config, preset_sections
+from src.qconfig import (
     block_types,
-    get_preset,
     layer_aliases,
     layer_config_report,
     matchable_name,
-    preset_sections,
     resolve_layer_qconfig,
     resolve_model_qconfigs,
 )
+from src.quantization.presets import PRESETS, get_preset
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "qat_config.yaml"
 
@@ -55,7 +53,7 @@ def test_presets_are_what_they_claim():
         "qint8", "per_channel_minmax", True, 8)
     assert (d["activation"].dtype, d["activation"].scheme, d["activation"].symmetric, d["activation"].observer) == (
         "quint8", "per_tensor", False, "moving_average_minmax")
-    assert d["fake_quantize"].type == "custom"
+    assert d["fake_quantize"].type == "ste"
 
     t = preset_sections("tensorrt")
     assert (t["activation"].dtype, t["activation"].symmetric, t["activation"].bit_width) == ("qint8", True, 8)
@@ -92,7 +90,7 @@ def test_sensitive_differs_from_default_on_yolov8n(yolov8n, aliases):
     assert default.keys() == sensitive.keys() == aliases.keys()
     for name in aliases:
         assert default[name].activation != sensitive[name].activation
-        assert default[name].fake_quantize.type == "custom" and sensitive[name].fake_quantize.type == "lsq"
+        assert default[name].fake_quantize.type == "ste" and sensitive[name].fake_quantize.type == "lsq"
     # The first conv sees the [0, 1] image: min/max, not the histogram used elsewhere.
     assert sensitive["model.0.conv"].activation.observer == "minmax"
     assert sensitive["model.0.conv"].preset_rules == ["sensitive:first_conv"]
@@ -187,7 +185,7 @@ def test_use_lsq_everywhere_unless_a_layer_says_otherwise(yolov8n):
                         "layer_configs": [{"pattern": "model.[0-9]+.detect", "fake_quantize": {"type": "custom"}}]})
     resolved = resolve_model_qconfigs(cfg, yolov8n)
     for name, r in resolved.items():
-        assert r.fake_quantize.type == ("custom" if name.startswith("model.22.") else "lsq"), name
+        assert r.fake_quantize.type == ("ste" if name.startswith("model.22.") else "lsq"), name
 
 
 def test_shipped_config_on_yolov8n(yolov8n):
@@ -197,7 +195,7 @@ def test_shipped_config_on_yolov8n(yolov8n):
     assert resolved["model.1.conv"].activation.observer == "moving_average_minmax"
     for name, r in resolved.items():
         in_head = name.startswith("model.22.")
-        assert r.fake_quantize.type == ("lsq" if in_head else "custom"), name
+        assert r.fake_quantize.type == ("lsq" if in_head else "ste"), name
         assert r.weight.observer_kind == "per_channel_minmax"
 
 

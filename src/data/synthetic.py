@@ -33,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from src.errors import DataError
 
@@ -430,8 +431,6 @@ def _made_by_us(yaml_path: Path) -> bool:
 def _progress_bar(total: int, progress: bool | None):
     if progress is False or (progress is None and total < 200):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="synthetic shapes", unit="img")
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from src.quantization.fake_quantize import FakeQuantize
 
@@ -44,8 +45,6 @@ def calibrate(
     Returns:
         The number of images actually used.
     """
-    from tqdm import tqdm
-
     quantizers = _fake_quantizers(model)
     if not quantizers:
         raise ValueError("calibrate: the model holds no FakeQuantize modules; prepare it first")

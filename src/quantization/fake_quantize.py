@@ -5,7 +5,7 @@ Numerics live in ``utils``; this module only holds state and decides which path 
 * training + observer on: collect ``x`` and refresh scale/zero point in place (qparams are refreshed lazily when
   fake quant is off, e.g. during calibration, and at the latest when the observer is switched off or the state is
   saved); eval mode never updates statistics.
-* fake quant on: ``STEFakeQuant`` (type ``custom``) or ``LSQFakeQuant`` (type ``lsq``, learned scale and optionally
+* fake quant on: ``STEFakeQuant`` (type ``ste``, alias ``custom``) or ``LSQFakeQuant`` (type ``lsq``, learned scale and optionally
   a learned zero point, LSQ+).
 * ``export_mode``: plain ``torch.fake_quantize_per_{tensor,channel}_affine`` with an 8-bit container range, which the
   TorchScript ONNX exporter (``torch.onnx.export(..., dynamo=False)``, opset >= 13) turns into
@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from src.quantization import vocabulary as vocab
 from src.quantization.observers import build_observer
 from src.quantization.utils import (
     EPS,
@@ -34,7 +35,6 @@ from src.quantization.utils import (
     quant_range,
 )
 
-FAKE_QUANT_TYPES = ("custom", "lsq")
 # Ranges the TorchScript ONNX exporter accepts for fake_quantize_* ops.
 EXPORT_RANGES = {True: (-128, 127), False: (0, 255)}
 
@@ -57,24 +57,25 @@ class FakeQuantize(nn.Module):
         super().__init__()
         where = name or ("weight quantizer" if is_weight else "activation quantizer")
         self.name, self.is_weight = name, bool(is_weight)
-        if qcfg.dtype not in ("qint8", "quint8"):
+        if qcfg.dtype not in vocab.DTYPES:
             raise QuantizationError(
                 f"{where}: dtype={qcfg.dtype!r} is unknown; use qint8 (signed) or quint8 (unsigned)")
-        signed = qcfg.dtype == "qint8"
+        signed = qcfg.dtype == vocab.SIGNED_DTYPE
         if is_weight and not signed:
             raise QuantizationError(f"{where}: weights are quantized signed; set weight dtype: qint8 (got quint8)")
         if is_weight and not qcfg.symmetric:
             raise QuantizationError(f"{where}: weight quantization must be symmetric; set weight symmetric: true")
-        if qcfg.scheme not in ("per_tensor", "per_channel"):
+        if qcfg.scheme not in vocab.SCHEMES:
             raise QuantizationError(f"{where}: scheme={qcfg.scheme!r} is unknown; use per_tensor or per_channel")
-        fq_type = getattr(fq_cfg, "type", "custom")
-        if fq_type not in FAKE_QUANT_TYPES:
-            raise QuantizationError(f"{where}: fake_quantize type={fq_type!r} is unknown; use custom or lsq")
+        fq_type = vocab.canonical_fake_quant_type(getattr(fq_cfg, "type", vocab.STE))
+        if fq_type not in vocab.FAKE_QUANT_TYPES:
+            raise QuantizationError(f"{where}: fake_quantize type={fq_type!r} is unknown; use "
+                                    f"{' or '.join(vocab.FAKE_QUANT_TYPES)}")
         grad_factor = float(getattr(fq_cfg, "grad_factor", 1.0))
         if not grad_factor > 0:
             raise QuantizationError(f"{where}: grad_factor={grad_factor} must be > 0 (1.0 = plain STE)")
         learn_zp = bool(getattr(fq_cfg, "learn_zero_point", False))
-        if learn_zp and fq_type != "lsq":
+        if learn_zp and fq_type != vocab.LSQ:
             raise QuantizationError(f"{where}: learn_zero_point needs fake_quantize type: lsq")
         if learn_zp and (is_weight or qcfg.symmetric):
             raise QuantizationError(f"{where}: learn_zero_point (LSQ+) is for asymmetric activations; "
@@ -95,7 +96,7 @@ class FakeQuantize(nn.Module):
         self.observer.sync_distributed = not is_weight
 
         scale, zero_point = self.observer.compute()  # the no-data default
-        if fq_type == "lsq":
+        if fq_type == vocab.LSQ:
             self.scale = nn.Parameter(scale.clone())
         else:
             self.register_buffer("scale", scale.clone())
@@ -219,7 +220,7 @@ class FakeQuantize(nn.Module):
             return x
         self._refresh_if_stale()
         axis = None if self._ch_axis is None else self._ch_axis % x.dim()
-        if self.fq_type == "lsq":
+        if self.fq_type == vocab.LSQ:
             numel_per_scale = xf.numel() // max(self.scale.numel(), 1)
             g = lsq_grad_scale(numel_per_scale, self._qmax)
             y = LSQFakeQuant.apply(xf, self.scale, self.zero_point, self._qmin, self._qmax, axis, g,

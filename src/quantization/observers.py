@@ -18,10 +18,8 @@ import math
 import torch
 from torch import nn
 
+from src.quantization import vocabulary as vocab
 from src.quantization.utils import QuantizationError, check_finite_stats, compute_qparams
-
-HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
-OBSERVER_KINDS = ("minmax", "moving_average_minmax", "per_channel_minmax", "histogram")
 
 
 class ObserverBase(nn.Module):
@@ -276,9 +274,9 @@ class HistogramObserver(ObserverBase):
         if kwargs.get("ch_axis") is not None:
             raise QuantizationError(f"{name or 'observer'}: the histogram observer is per-tensor only; "
                                     "use scheme: per_tensor or observer: per_channel_minmax")
-        if method not in HISTOGRAM_METHODS:
+        if method not in vocab.HISTOGRAM_METHODS:
             raise QuantizationError(f"{name or 'observer'}: histogram_method={method!r} is unknown; "
-                                    f"use one of {', '.join(HISTOGRAM_METHODS)}")
+                                    f"use one of {', '.join(vocab.HISTOGRAM_METHODS)}")
         if not isinstance(bins, int) or bins < 2:
             raise QuantizationError(f"{name or 'observer'}: histogram_bins={bins!r} must be an int >= 2, e.g. 2048")
         if not 0.0 < percentile <= 100.0:
@@ -523,7 +521,7 @@ def build_observer(qcfg, qmin: int, qmax: int, symmetric: bool, num_channels: in
     ===========================  ==============================  =========================================
     ``minmax``                   MinMaxObserver                  PerChannelMinMaxObserver
     ``per_channel_minmax``       error                           PerChannelMinMaxObserver
-    ``moving_average_minmax``    MovingAverageMinMaxObserver     MovingAveragePerChannelMinMaxObserver
+    ``moving_average_minmax``    MovingAverageMinMaxObserver     error
     ``histogram``                HistogramObserver               error
     ===========================  ==============================  =========================================
 
@@ -539,25 +537,22 @@ def build_observer(qcfg, qmin: int, qmax: int, symmetric: bool, num_channels: in
     """
     kind, scheme = qcfg.observer, qcfg.scheme
     where = name or "quantizer"
-    if scheme not in ("per_tensor", "per_channel"):
-        raise QuantizationError(f"{where}: scheme={scheme!r} is unknown; use per_tensor or per_channel")
-    if kind not in OBSERVER_KINDS:
-        raise QuantizationError(f"{where}: observer={kind!r} is unknown; use one of {', '.join(OBSERVER_KINDS)}")
+    if scheme not in vocab.SCHEMES:
+        raise QuantizationError(f"{where}: scheme={scheme!r} is unknown; use {' or '.join(vocab.SCHEMES)}")
+    if kind not in vocab.OBSERVERS:
+        raise QuantizationError(f"{where}: observer={kind!r} is unknown; use one of {', '.join(vocab.OBSERVERS)}")
+    problem = vocab.observer_scheme_problem(kind, scheme)
+    if problem:
+        raise QuantizationError(f"{where}: observer {problem}")
     common = dict(num_sites=num_sites, name=name)
     per_channel = scheme == "per_channel"
     if per_channel:
         common.update(ch_axis=getattr(qcfg, "ch_axis", 0), num_channels=num_channels)
     if kind == "histogram":
-        if per_channel:
-            raise QuantizationError(f"{where}: observer 'histogram' is per-tensor only; set scheme: per_tensor "
-                                    "or use observer: per_channel_minmax")
         return HistogramObserver(qmin, qmax, symmetric, bins=getattr(qcfg, "histogram_bins", 2048),
                                  method=getattr(qcfg, "histogram_method", "percentile"),
                                  percentile=getattr(qcfg, "percentile", 99.99), **common)
     if kind == "moving_average_minmax":
-        cls = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
-        return cls(qmin, qmax, symmetric, averaging_constant=getattr(qcfg, "averaging_constant", 0.01), **common)
-    if kind == "per_channel_minmax" and not per_channel:
-        raise QuantizationError(f"{where}: observer 'per_channel_minmax' needs scheme: per_channel; "
-                                "use observer: minmax for per_tensor")
+        return MovingAverageMinMaxObserver(qmin, qmax, symmetric,
+                                           averaging_constant=getattr(qcfg, "averaging_constant", 0.01), **common)
     return (PerChannelMinMaxObserver if per_channel else MinMaxObserver)(qmin, qmax, symmetric, **common)

@@ -1,7 +1,6 @@
-"""QConfig presets and per-layer resolution of ``layer_configs``.
+"""Per-layer resolution of quantizer settings: the preset's layer rules, then ``layer_configs``.
 
-A preset is plain data: the global ``weight`` / ``activation`` / ``fake_quantize`` sections plus optional built-in
-layer rules. Resolution for one module starts from the config's global sections, applies the preset's layer rules
+The presets themselves are plain data in ``src/quantization/presets.py``. Resolution for one module starts from the config's global sections, applies the preset's layer rules
 (when ``quantization.preset_layer_rules`` is on), then every ``layer_configs`` entry whose pattern matches, in file
 order, later entries overriding earlier ones key by key.
 
@@ -13,7 +12,6 @@ every Detect conv while ``model.0.conv`` still selects the first conv only.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from dataclasses import dataclass, field
@@ -21,137 +19,11 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from src.config import ConfigError, FakeQuantizeConfig, LayerConfig, QATConfig, QuantizerConfig, suggest
+from src.config import ConfigError, FakeQuantizeConfig, LayerConfig, QATConfig, QuantizerConfig
+from src.quantization.presets import get_preset
+from src.quantization.vocabulary import weight_rule_problem
 
 LOGGER = logging.getLogger("yolov8_qat")
-
-_INT8_PER_CHANNEL_WEIGHTS = {
-    "dtype": "qint8",
-    "scheme": "per_channel",
-    "observer": "minmax",
-    "symmetric": True,
-    "bit_width": 8,
-    "ch_axis": 0,
-}
-_U8_ASYMMETRIC_ACTIVATIONS = {
-    "dtype": "quint8",
-    "scheme": "per_tensor",
-    "observer": "moving_average_minmax",
-    "symmetric": False,
-    "bit_width": 8,
-    "averaging_constant": 0.01,
-}
-_STE = {"type": "custom", "grad_factor": 1.0, "learn_zero_point": False}
-
-# Matches the first conv by its qualified name (model.0.conv) or by the block's matchable name (model.0.conv).
-FIRST_CONV_PATTERN = r"^model\.0\.conv$"
-# Matches every module inside the Detect head via its matchable name (model.22.detect...).
-DETECT_PATTERN = r"^model\.\d+\.detect(\.|$)"
-
-PRESETS: dict[str, dict] = {
-    "default": {
-        "description": "int8 per-channel symmetric min/max weights, uint8 per-tensor asymmetric moving-average "
-        "min/max activations, STE gradients",
-        "weight": dict(_INT8_PER_CHANNEL_WEIGHTS),
-        "activation": dict(_U8_ASYMMETRIC_ACTIVATIONS),
-        "fake_quantize": dict(_STE),
-        "layer_rules": [],
-    },
-    "sensitive": {
-        "description": "for models that lose accuracy under default: histogram (MSE) activation ranges, LSQ/LSQ+ "
-        "learned scales, the first conv and the Detect head pinned to 8 bits",
-        "weight": dict(_INT8_PER_CHANNEL_WEIGHTS),
-        # MSE picks the range that minimises rounding + clipping error of the observed distribution, which is the
-        # initialisation LSQ+ recommends; a fixed percentile clips the long tails of the box branch blindly.
-        "activation": {
-            "dtype": "quint8",
-            "scheme": "per_tensor",
-            "observer": "histogram",
-            "symmetric": False,
-            "bit_width": 8,
-            "histogram_bins": 2048,
-            "histogram_method": "mse",
-        },
-        # LSQ+ learned offsets target Swish-like (SiLU) activations, which YOLOv8 uses everywhere.
-        "fake_quantize": {"type": "lsq", "grad_factor": 1.0, "learn_zero_point": True},
-        "layer_rules": [
-            {
-                "name": "first_conv",
-                "pattern": FIRST_CONV_PATTERN,
-                # The input image lies in [0, 1]: min/max gives scale 1/255, zero-point 0, so the 8-bit pixels are
-                # represented exactly (a histogram range could clip bright pixels). Its 27-weight filters keep 8 bits
-                # even when the global weight bit width is lowered.
-                "weight": {"bit_width": 8, "observer": "per_channel_minmax"},
-                "activation": {"bit_width": 8, "observer": "minmax"},
-            },
-            {
-                "name": "detect_head",
-                "pattern": DETECT_PATTERN,
-                # The head produces the box distributions and class logits directly: keep it at 8 bits.
-                "weight": {"bit_width": 8, "observer": "per_channel_minmax"},
-                "activation": {"bit_width": 8},
-            },
-        ],
-    },
-    "tensorrt": {
-        "description": "int8 everywhere with zero-point 0: symmetric per-tensor activations (histogram, entropy "
-        "like TensorRT's default calibrator), symmetric per-channel weights",
-        "weight": dict(_INT8_PER_CHANNEL_WEIGHTS),
-        "activation": {
-            "dtype": "qint8",
-            "scheme": "per_tensor",
-            "observer": "histogram",
-            "symmetric": True,
-            "bit_width": 8,
-            "histogram_bins": 2048,
-            "histogram_method": "entropy",
-        },
-        "fake_quantize": dict(_STE),
-        "layer_rules": [],
-    },
-    "openvino": {
-        # The same numerics as default, which already is the form OpenVINO's CPU plugin runs natively (NNCF's
-        # "mixed" preset); named so configs can state their target.
-        "description": "uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights (OpenVINO CPU)",
-        "weight": dict(_INT8_PER_CHANNEL_WEIGHTS),
-        "activation": dict(_U8_ASYMMETRIC_ACTIVATIONS),
-        "fake_quantize": dict(_STE),
-        "layer_rules": [],
-    },
-    "w4a8": {
-        "description": "4-bit per-channel symmetric weights (stored as int8 at export), 8-bit asymmetric activations",
-        "weight": {**_INT8_PER_CHANNEL_WEIGHTS, "bit_width": 4},
-        "activation": dict(_U8_ASYMMETRIC_ACTIVATIONS),
-        "fake_quantize": dict(_STE),
-        "layer_rules": [],
-    },
-}
-
-PRESET_NAMES = tuple(PRESETS)
-
-
-def get_preset(name: str) -> dict:
-    """Return a copy of preset ``name``'s plain data.
-
-    Raises:
-        ConfigError: unknown name; the message lists the valid ones.
-    """
-    if name not in PRESETS:
-        raise ConfigError(
-            f"unknown qconfig preset {name!r}{suggest(str(name), PRESETS)}; valid presets: {', '.join(PRESETS)}"
-        )
-    return copy.deepcopy(PRESETS[name])
-
-
-def preset_sections(name: str) -> dict:
-    """Fresh, validated ``weight``/``activation``/``fake_quantize`` sections of preset ``name``."""
-    preset = get_preset(name)
-    return {
-        "weight": QuantizerConfig.from_dict(preset["weight"], f"presets.{name}.weight"),
-        "activation": QuantizerConfig.from_dict(preset["activation"], f"presets.{name}.activation"),
-        "fake_quantize": FakeQuantizeConfig.from_dict(preset["fake_quantize"], f"presets.{name}.fake_quantize"),
-    }
-
 
 def preset_layer_rules(name: str) -> list[tuple[str, LayerConfig]]:
     """The preset's built-in layer rules as (rule name, LayerConfig), in application order."""
@@ -267,7 +139,7 @@ def resolve_layer_qconfig(cfg: QATConfig, module_name: str, alias: str | None = 
         )
     except ConfigError as err:
         raise ConfigError(f"layer {module_name!r} (rules applied: {where}): {err}") from None
-    if not resolved.weight.symmetric or resolved.weight.dtype != "qint8":
+    if weight_rule_problem(resolved.weight.dtype, resolved.weight.symmetric):
         raise ConfigError(
             f"layer {module_name!r} (rules applied: {where}): weights must be signed symmetric; "
             "drop dtype/symmetric from the weight overrides"

@@ -1,0 +1,45 @@
+"""The names of quantization: integer types, granularities, observers, range methods and gradient rules.
+
+Plain data and the rules that combine them, read by config validation (``src/config.py``) and by the modules that
+build quantizers (``observers.py``, ``fake_quantize.py``), so a name or a rule is written once.
+"""
+
+from __future__ import annotations
+
+# dtype names only the signedness of the integer grid; its size is the bit width.
+DTYPES = ("qint8", "quint8")
+SIGNED_DTYPE = "qint8"
+SCHEMES = ("per_tensor", "per_channel")
+OBSERVERS = ("minmax", "moving_average_minmax", "per_channel_minmax", "histogram")
+PER_TENSOR_ONLY_OBSERVERS = ("moving_average_minmax", "histogram")
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
+
+# Gradient rules: "ste" = straight-through estimator with clipping mask (x grad_factor), "lsq" = learned step size.
+FAKE_QUANT_TYPES = ("ste", "lsq")
+# The spec's configs write "custom" for the straight-through estimator: accepted as a name for it, silently.
+FAKE_QUANT_ALIASES = {"custom": "ste"}
+STE, LSQ = FAKE_QUANT_TYPES
+
+
+def canonical_fake_quant_type(name: str) -> str:
+    """``name`` with aliases resolved ("custom" -> "ste"); unknown names are returned unchanged for the caller."""
+    return FAKE_QUANT_ALIASES.get(name, name)
+
+
+def observer_scheme_problem(observer: str, scheme: str) -> str | None:
+    """Why ``observer`` cannot run with ``scheme`` and what to write instead, or None when they combine."""
+    if observer == "per_channel_minmax" and scheme != "per_channel":
+        return (f"'per_channel_minmax' needs scheme 'per_channel' (got {scheme!r}); set scheme: per_channel, or use "
+                "observer 'minmax' for one range per tensor")
+    if scheme == "per_channel" and observer in PER_TENSOR_ONLY_OBSERVERS:
+        return (f"{observer!r} is per-tensor only but scheme is 'per_channel'; use observer 'minmax' (or "
+                "'per_channel_minmax') with per_channel, or set scheme: per_tensor")
+    return None
+
+
+def weight_rule_problem(dtype: str, symmetric: bool) -> str | None:
+    """Weights are signed and symmetric (zero point 0, the form ONNX/TensorRT/TFLite int8 kernels take)."""
+    if symmetric and dtype == SIGNED_DTYPE:
+        return None
+    return (f"weights are quantized signed and symmetric (zero-point 0, the form ONNX/TensorRT/TFLite int8 kernels "
+            f"take); got dtype={dtype!r}, symmetric={symmetric}; set dtype: qint8 and symmetric: true")
