@@ -24,7 +24,8 @@ from src.env import prepare_environment  # noqa: E402
 def measure(items: list[dict], imgsz: int, threads: int, warmup: int, runs: int) -> dict[str, dict]:
     import numpy as np
 
-    from src.export.validate import measure_latency, median_iqr, ov_runner
+    from src.export.openvino_export import ov_runner
+    from src.export.timing import measure_latency, median_iqr
 
     results: dict[str, dict] = {}
     variants = {}

@@ -103,7 +103,7 @@ def test_scales_and_codes_equal_the_checkpoint_exactly(exported):
 def test_onnxruntime_matches_fake_quant_torch(exported):
     import onnxruntime as ort
 
-    from src.export.onnx_qdq import prepare_for_export
+    from src.export.common import prepare_for_export
 
     model, path, _ = exported
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -43,7 +43,7 @@ def test_layout_and_metadata(ir):
 
 
 def test_openvino_matches_fake_quant_torch(ir):
-    from src.export.onnx_qdq import prepare_for_export
+    from src.export.common import prepare_for_export
     from src.export.openvino_export import compile_model
 
     model, _, xml = ir

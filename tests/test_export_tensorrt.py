@@ -70,7 +70,7 @@ def test_requantized_inputs_keep_outputs_bit_identical(symmetric, trt_export, tm
     import onnx
     import onnxruntime as ort
 
-    from src.export.onnx_qdq import prepare_for_export
+    from src.export.common import prepare_for_export
 
     proto = onnx.load(str(trt_export.onnx))
     inserted = [n for n in proto.graph.node if "/input_requant/" in n.name]

@@ -238,7 +238,7 @@ def test_yolov8n_every_quantizer_and_weight_reads_back_equal(yolo):
 
 def test_yolov8n_quantized_convs_int8_and_decoding_tail_float(yolo):
     """All 63 quantized convs take int8 inputs and weights; DFL and the box/score decoding after them run float."""
-    from src.export.validate import tflite_conv_precisions
+    from src.export.tflite_export import tflite_conv_precisions
 
     _, path, _, _, _ = yolo
     int8, others = tflite_conv_precisions(path)
@@ -329,7 +329,8 @@ def test_pipeline_refuses_dynamic_tflite(cfg, tmp_path):
     import copy
 
     from src.errors import QATError
-    from src.export.pipeline import EXPORTERS, ExportContext
+    from src.export.common import ExportContext
+    from src.export.registry import FORMATS as EXPORTERS
 
     c = copy.deepcopy(cfg)
     c.export.dynamic = True

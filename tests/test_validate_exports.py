@@ -196,8 +196,9 @@ def test_bad_input_is_one_line_without_traceback(exports, tmp_path, capsys, name
 # TFLite
 # --------------------------------------------------------------------------------------------------------------------
 def test_export_all_writes_onnx_and_tflite(tflite_exports):
-    from src.export.pipeline import EXPORTERS
-    from src.export.validate import Target, export_metadata
+    from src.export.discovery import Target
+    from src.export.registry import FORMATS as EXPORTERS
+    from src.export.validate import export_metadata
 
     assert set(EXPORTERS) == {"onnx", "openvino", "tensorrt", "tflite"}
     exported = tflite_exports["root"] / "models" / "exported"
@@ -218,8 +219,7 @@ def test_tflite_runner_gives_ultralytics_raw_output_in_pixels(tflite_exports):
     from ultralytics import YOLO
     from ultralytics.utils import NUM_THREADS
 
-    from src.export.tflite_export import run_tflite
-    from src.export.validate import tflite_runner
+    from src.export.tflite_export import run_tflite, tflite_runner
 
     path = tflite_exports["tflite"]
     x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(5))
@@ -267,7 +267,8 @@ def _with_metadata(src, dst, meta: dict) -> None:
 
 
 def test_tflite_fails_when_map_differs_from_the_stored_reference(tflite_exports, tmp_path):
-    from src.export.validate import Target, export_metadata
+    from src.export.discovery import Target
+    from src.export.validate import export_metadata
 
     meta = export_metadata(Target(tflite_exports["tflite"], "tflite"))
     shifted = tflite_exports["ref"]["map50_95"] + 0.006  # 0.6 points off, tolerance 0.5
@@ -291,7 +292,8 @@ def test_tflite_float_or_hybrid_convs_fail_the_gate(tmp_path):
     from ai_edge_quantizer import quantizer, recipe
     from torch import nn
 
-    from src.export.validate import ExportResult, Target, _judge, int8_coverage
+    from src.export.discovery import Target
+    from src.export.validate import ExportResult, _judge, int8_coverage
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 2, 1)).eval()
     float_path, hybrid_path = tmp_path / "float.tflite", tmp_path / "hybrid.tflite"

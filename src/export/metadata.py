@@ -10,12 +10,15 @@ parses ``stride``, ``batch``, ``channels``, ``imgsz``, ``names``, ``args``, ``en
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from src.errors import QATError
 
@@ -71,7 +74,7 @@ def build_metadata(
         reference_metrics: ``{"map50", "map50_95"}`` of the fake-quant model on a dataset (plus optional ``data``).
         source: The checkpoint the export came from (recorded in the description).
     """
-    from ultralytics import __version__
+    from ultralytics import __version__  # deferred: heavy dependency
 
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     args: dict[str, Any] = {"batch": batch, "dynamic": dynamic, "quantize": 8, "nms": False}
@@ -126,13 +129,9 @@ def read_metadata(path: str | Path) -> dict:
     Values come back typed as Ultralytics' ``apply_metadata`` types them (``names`` a dict, ``imgsz`` a list, ...);
     ``qat_*`` values as dicts.
     """
-    import ast
-
-    import yaml
-
     p = Path(path)
     if p.suffix == ".onnx":
-        import onnx
+        import onnx  # deferred: heavy optional dependency
 
         proto = onnx.load(str(p), load_external_data=False)
         meta: dict = {prop.key: prop.value for prop in proto.metadata_props}
@@ -158,8 +157,6 @@ def read_metadata(path: str | Path) -> dict:
 
 def write_metadata_yaml(meta: dict, directory: str | Path) -> Path:
     """Write ``metadata.yaml`` the way Ultralytics does for directory formats (OpenVINO)."""
-    import yaml
-
     path = Path(directory) / "metadata.yaml"
     plain = json.loads(json.dumps(meta))  # tuples -> lists, int dict keys -> str
     plain["names"] = {int(k): v for k, v in plain["names"].items()}  # Ultralytics expects int class keys

@@ -12,18 +12,22 @@ The int8 codes are computed with torch's own fake-quant kernel (``x * (1/s)``, r
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from src.errors import QATError
+from src.export.common import Coverage, ExportContext, prepare_for_export, single_thread
+from src.export import metadata as export_metadata
+from src.quantization.fake_quantize import export_mode
+from src.quantization.utils import fake_quantize
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -59,36 +63,6 @@ class QDQSummary:
 # --------------------------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------------------------
-def prepare_for_export(model: nn.Module, dynamic: bool = False, fmt: str = "onnx") -> nn.Module:
-    """A deep copy in eval mode with the Detect head in Ultralytics' export form (one (1, 4+nc, anchors) tensor)."""
-    from ultralytics.nn.modules import C2f, Detect
-
-    m = copy.deepcopy(model).float().eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    for mod in m.modules():
-        if isinstance(mod, Detect):
-            mod.export, mod.format, mod.dynamic, mod.shape = True, fmt, dynamic, None
-        elif isinstance(mod, C2f):
-            mod.forward = mod.forward_split  # what Ultralytics' exporter does: Split instead of Slice pairs
-    return m
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one thread inside the block.
-
-    Export traces tiny tensors one op at a time; intra-op threads only add synchronisation (on a busy 2-core machine
-    each per-channel fake-quant call went from 0.3 ms to 20 ms).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -115,7 +89,7 @@ def export_onnx(
     Returns:
         The written path.
     """
-    import onnx
+    import onnx  # deferred: heavy optional dependency
 
     if opset < 13:
         raise ExportError(f"export.opset={opset}: per-channel QDQ needs opset >= 13; set export.opset: 17")
@@ -134,9 +108,7 @@ def export_onnx(
     with single_thread():
         proto = _export_proto(m, im, path, opset, axes, simplify)
     if metadata:
-        from src.export.metadata import for_onnx
-
-        set_metadata(proto, for_onnx(metadata))
+        set_metadata(proto, export_metadata.for_onnx(metadata))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     onnx.checker.check_model(proto)
@@ -146,9 +118,7 @@ def export_onnx(
 
 
 def _export_proto(m: nn.Module, im: torch.Tensor, path: Path, opset: int, axes: dict | None, simplify: bool):
-    import onnx
-
-    from src.quantization.fake_quantize import export_mode
+    import onnx  # deferred: heavy optional dependency
 
     with torch.no_grad(), export_mode(m), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings are expected here
@@ -168,7 +138,7 @@ def _export_proto(m: nn.Module, im: torch.Tensor, path: Path, opset: int, axes: 
 
 def simplify_keep_qdq(proto):
     """onnxsim constant folding; Constant nodes it creates become initializers again (what runtimes expect)."""
-    import onnxsim
+    import onnxsim  # deferred: heavy optional dependency
 
     try:
         simplified, ok = onnxsim.simplify(proto)
@@ -211,7 +181,7 @@ def remove_noop_casts(proto):
 
     Left in place they sit between DequantizeLinear and Conv and hide the ``DQ -> Conv`` pattern runtimes fuse.
     """
-    import onnx
+    import onnx  # deferred: heavy optional dependency
 
     g = proto.graph
     typed = onnx.shape_inference.infer_shapes(proto)
@@ -238,7 +208,7 @@ def remove_noop_casts(proto):
 
 def constants_to_initializers(proto):
     """Move ``Constant`` node values into initializers (same tensor names)."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # deferred: heavy optional dependency
 
     g = proto.graph
     keep = []
@@ -257,7 +227,7 @@ class _ConstantEvaluator:
     """Values of tensors that depend only on initializers/Constant nodes (evaluated with ONNX's reference runtime)."""
 
     def __init__(self, proto):
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # deferred: heavy optional dependency
 
         self.proto = proto
         self.values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -279,12 +249,12 @@ class _ConstantEvaluator:
             return self.values[name]
         node = self.producer[name]
         if node.op_type == "Constant":
-            from onnx import numpy_helper
+            from onnx import numpy_helper  # deferred: heavy optional dependency
 
             self.values[name] = numpy_helper.to_array(node.attribute[0].t)
             return self.values[name]
         inputs = [self.value(i) if i else None for i in node.input]
-        from onnx import helper
+        from onnx import helper  # deferred: heavy optional dependency
         from onnx.reference import ReferenceEvaluator
 
         single = helper.make_node(node.op_type, [f"i{k}" if i else "" for k, i in enumerate(node.input)],
@@ -301,7 +271,7 @@ def store_int8_weights(proto):
 
     Also turns every Q/DQ scale and zero point into an initializer, then drops nodes and initializers nothing reads.
     """
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # deferred: heavy optional dependency
 
     g = proto.graph
     ev = _ConstantEvaluator(proto)
@@ -338,8 +308,6 @@ def _torch_quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int)
     ``fake_quantize`` returns ``(q - zp) * s`` in fp32; dividing by ``s`` and rounding recovers ``q`` exactly
     because ``|q - zp| <= 255`` leaves the product far from any rounding ambiguity.
     """
-    from src.quantization.utils import fake_quantize
-
     info = np.iinfo(zp.dtype)
     xt = torch.tensor(np.asarray(x, dtype=np.float32))
     st = torch.tensor(np.asarray(scale, dtype=np.float32))
@@ -426,3 +394,73 @@ def qdq_summary(proto) -> QDQSummary:
         else:
             s.float_convs.append(n.name + (" (partial)" if x_q or w_q else ""))
     return s
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Format hooks (src.export.registry)
+# --------------------------------------------------------------------------------------------------------------------
+_QDQ_ONNX = "qdq_onnx"
+
+
+def qdq_onnx(ctx: ExportContext, out_dir: Path | None = None) -> Path:
+    """The generic QDQ ONNX of an export run, exported once.
+
+    The onnx format exports first and writes it into ``out_dir`` (its folder); a format derived from it with onnx
+    not requested gets it in a temporary folder.
+    """
+    if _QDQ_ONNX not in ctx.cache:
+        path = (out_dir or ctx.temp_dir("qdq_onnx_")) / f"{ctx.stem}.onnx"
+        o = ctx.opts
+        ctx.cache[_QDQ_ONNX] = export_onnx(ctx.model, path, ctx.imgsz, opset=o.opset, simplify=o.simplify,
+                                           dynamic=o.dynamic, metadata=ctx.metadata)
+    return ctx.cache[_QDQ_ONNX]
+
+
+def check(ctx: ExportContext) -> None:
+    """Nothing to refuse early: :func:`export_onnx` checks opset and image size itself."""
+
+
+def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
+    return [qdq_onnx(ctx, out_dir)]
+
+
+def read_metadata(path: Path) -> dict:
+    """The file's ``metadata_props``."""
+    return export_metadata.read_metadata(path)
+
+
+def yolo_path(path: Path) -> nullcontext:
+    return nullcontext(path)
+
+
+def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime on the CPU at batch 1, ``threads`` intra-op threads."""
+    import onnxruntime as ort  # deferred: heavy optional dependency
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    # ONNX Runtime's workers spin after each run by default: interleaved with the other runtimes they would steal
+    # the cores those are being timed on
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def runners(path: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    return {"default": ort_runner(path, threads)}
+
+
+def proto_coverage(proto) -> Coverage:
+    """Convs fed by DequantizeLinear on both sides run INT8; one side only is a quantized conv running in float."""
+    s = qdq_summary(proto)
+    floats = list(s.partially_quantized)
+    unquantized = [c for c in s.float_convs if c not in floats]
+    return Coverage(len(s.quantized_convs), len(s.quantized_convs) + len(floats), floats, unquantized)
+
+
+def coverage(path: Path) -> Coverage:
+    import onnx  # deferred: heavy optional dependency
+
+    return proto_coverage(onnx.load(str(path)))
+

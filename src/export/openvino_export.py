@@ -12,13 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+import numpy as np
 
 from src.errors import QATError
+from src.export import metadata as export_metadata
+from src.export.common import Coverage, ExportContext
+from src.export.onnx_qdq import qdq_onnx
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -54,9 +60,7 @@ class Int8Report:
 
 def export_openvino(onnx_path: str | Path, out_dir: str | Path, stem: str, metadata: dict | None = None) -> Path:
     """Convert the QDQ ONNX to ``<out_dir>/<stem>.xml``/``.bin`` (+ ``metadata.yaml``), weights kept int8/fp32."""
-    import openvino as ov
-
-    from src.export.metadata import write_metadata_yaml
+    import openvino as ov  # deferred: heavy optional dependency
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,7 @@ def export_openvino(onnx_path: str | Path, out_dir: str | Path, stem: str, metad
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)  # fp16 compression would touch the float parts only
     compact_xml(xml)
     if metadata:
-        write_metadata_yaml(metadata, out_dir)
+        export_metadata.write_metadata_yaml(metadata, out_dir)
     size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
     LOGGER.info(f"OpenVINO IR export: {xml} ({size:.2f} MB)")
     return xml
@@ -94,7 +98,7 @@ def share_fake_quantize_limits(ov_model) -> int:
     Returns:
         The number of limit inputs re-pointed.
     """
-    import openvino as ov
+    import openvino as ov  # deferred: heavy optional dependency
 
     shared = 0
     for op in ov_model.get_ordered_ops():
@@ -134,8 +138,6 @@ def drop_internal_names(ov_model) -> None:
 
 def compact_xml(xml: Path) -> None:
     """Drop the indentation between the IR's XML tags (a fifth of the file; OpenVINO's parser ignores it)."""
-    import re
-
     text = xml.read_text(encoding="utf-8")
     xml.write_text(re.sub(r">\s+<", "><", text), encoding="utf-8")
 
@@ -182,7 +184,7 @@ def quantized_convolutions(ov_model) -> tuple[list[str], list[str]]:
 
 def compile_model(xml_path: str | Path, device: str = "CPU", config: dict | None = None):
     """Compile an IR on ``device`` (one place, so the report and the latency use the same plugin settings)."""
-    import openvino as ov
+    import openvino as ov  # deferred: heavy optional dependency
 
     core = ov.Core()
     return core.compile_model(core.read_model(str(xml_path)), device, config or {})
@@ -196,7 +198,7 @@ def runtime_int8_report(xml_path: str | Path, device: str = "CPU", config: dict 
         device: OpenVINO device.
         config: Compile properties (e.g. ``{"INFERENCE_PRECISION_HINT": "f32"}``).
     """
-    import openvino as ov
+    import openvino as ov  # deferred: heavy optional dependency
 
     xml_path = Path(xml_path)
     if not xml_path.is_file():
@@ -252,3 +254,48 @@ def ultralytics_view(xml_path: str | Path) -> Iterator[Path]:
         yield view
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Format hooks (src.export.registry)
+# --------------------------------------------------------------------------------------------------------------------
+def check(ctx: ExportContext) -> None:
+    """Nothing to refuse early: the IR is converted from the QDQ ONNX, which checks itself."""
+
+
+def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
+    """The IR from the run's QDQ ONNX, and the runtime INT8 report in the log."""
+    xml = export_openvino(qdq_onnx(ctx), out_dir, ctx.stem, ctx.metadata)
+    report = runtime_int8_report(xml)
+    (LOGGER.info if report.ok else LOGGER.warning)(f"OpenVINO runtime: {report.summary()}")
+    return [xml, xml.with_suffix(".bin")] + ([xml.parent / "metadata.yaml"] if ctx.metadata else [])
+
+
+def read_metadata(path: Path) -> dict:
+    """The ``metadata.yaml`` beside the IR."""
+    return export_metadata.read_metadata(path)
+
+
+yolo_path = ultralytics_view
+
+
+def ov_runner(path: Path, threads: int, f32: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """The IR compiled for the CPU at batch 1 (latency hint), optionally with f32 inference precision."""
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: np.array(request.infer([x])[0])
+
+
+def runners(path: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The default precision, and f32 (the default may run the float parts in bf16)."""
+    return {"default": ov_runner(path, threads), "f32": ov_runner(path, threads, f32=True)}
+
+
+def coverage(path: Path) -> Coverage:
+    """From the compiled runtime graph: a quantized conv not running u8/i8 is a float fallback."""
+    r = runtime_int8_report(path)
+    return Coverage(len(r.int8), len(r.quantized), [f"{k} ({v})" for k, v in r.float_fallbacks.items()],
+                    list(r.unquantized))

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from src.errors import QATError
-from src.export.onnx_qdq import AGNOSTIC_OPS, ExportError, dequantized_source, export_onnx
+from src.export.common import Coverage, ExportContext
+from src.export.onnx_qdq import AGNOSTIC_OPS, ExportError, dequantized_source, export_onnx, proto_coverage
+# a TensorRT-ready ONNX is read and run here as an ONNX file: these format hooks are the onnx format's
+from src.export.onnx_qdq import read_metadata, runners, yolo_path  # noqa: F401
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -78,7 +82,7 @@ def export_tensorrt(
         imgsz: Input size.
         build: Try building ``<stem>.engine`` through the TensorRT Python API (needs ``tensorrt`` and a CUDA GPU).
     """
-    import onnx
+    import onnx  # deferred: heavy optional dependency
 
     check_model_symmetric(model)
     out_dir = Path(out_dir)
@@ -115,7 +119,7 @@ def requantize_conv_inputs(proto):
 
     ``Q(DQ(q)) == q`` exactly for 8-bit codes, so outputs do not change; TensorRT then sees ``DQ -> Conv``.
     """
-    from onnx import helper
+    from onnx import helper  # deferred: heavy optional dependency
 
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -160,7 +164,7 @@ def check_tensorrt_rules(onnx_path) -> list[str]:
     Returns:
         One message per violation, naming the node and the fix.
     """
-    import onnx
+    import onnx  # deferred: heavy optional dependency
     from onnx import numpy_helper
 
     proto = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(str(onnx_path))
@@ -232,12 +236,10 @@ def trtexec_command(onnx_path, engine_path) -> str:
 def tensorrt_unavailable_reason() -> str | None:
     """Why an engine cannot be built here (None when TensorRT and a CUDA GPU are both present)."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  # deferred: heavy optional dependency
     except ImportError:
         hint = " (trtexec is on PATH: run build_engine.sh)" if shutil.which("trtexec") else ""
         return f"the tensorrt Python package is not installed{hint}"
-    import torch
-
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     return None
@@ -255,7 +257,7 @@ def build_engine(onnx_path, engine_path, metadata: dict | None = None, workspace
     reason = tensorrt_unavailable_reason()
     if reason:
         return None, reason
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: heavy optional dependency
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -283,3 +285,28 @@ def build_engine(onnx_path, engine_path, metadata: dict | None = None, workspace
             f.write(meta.encode())
         f.write(serialized)
     return engine_path, f"built with TensorRT {trt.__version__}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Format hooks (src.export.registry)
+# --------------------------------------------------------------------------------------------------------------------
+def check(ctx: ExportContext) -> None:
+    check_model_symmetric(ctx.model)
+
+
+def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
+    """The TensorRT-ready ONNX, ``build_engine.sh`` and the engine where one was built."""
+    o = ctx.opts
+    r = export_tensorrt(ctx.model, out_dir, ctx.stem, ctx.imgsz, opset=o.opset, simplify=o.simplify,
+                        metadata=ctx.metadata)
+    return [r.onnx, r.script] + ([r.engine] if r.engine else [])
+
+
+def coverage(path: Path) -> Coverage:
+    """The ONNX coverage, and TensorRT's rules checked on the same graph."""
+    import onnx  # deferred: heavy optional dependency
+
+    proto = onnx.load(str(path))
+    cov = proto_coverage(proto)
+    cov.violations = check_tensorrt_rules(proto)
+    return cov

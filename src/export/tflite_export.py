@@ -37,15 +37,24 @@ import re
 import tempfile
 import time
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from src.data.synthetic import render_image
 from src.errors import QATError
+from src.export.common import Coverage, ExportContext, prepare_for_export, single_thread
+from src.export.discovery import ValidationInputError
+from src.integrations import litert
+from src.integrations.ultralytics import normalize_coords_wrapper
+from src.models.yolov8_qat import QuantConv, Site
+from src.quantization.fake_quantize import FakeQuantize
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -155,7 +164,9 @@ class ActivationQuant:
 
 
 def _require_litert():
+    # deferred imports: heavy optional dependencies, only checked for here
     try:
+        # deferred: heavy optional dependencies
         import litert_torch  # noqa: F401
         from ai_edge_litert.interpreter import Interpreter  # noqa: F401
         from ai_edge_quantizer import quantizer  # noqa: F401
@@ -168,8 +179,6 @@ def _require_litert():
 
 def _activation_quantizers(model: nn.Module) -> dict[int, ActivationQuant]:
     """Every enabled activation FakeQuantize (by module id), described by its integer grid."""
-    from src.quantization.fake_quantize import FakeQuantize
-
     keys = {id(q): k for m in model.modules() if isinstance(getattr(m, "qat_quantizers", None), nn.ModuleDict)
             for k, q in m.qat_quantizers.items()}
     out: dict[int, ActivationQuant] = {}
@@ -188,8 +197,6 @@ def _activation_quantizers(model: nn.Module) -> dict[int, ActivationQuant]:
 @torch.no_grad()
 def _bake_weights(model: nn.Module) -> list[WeightQuant]:
     """Replace every quantized conv weight by its fake-quantized value and switch its quantizer off."""
-    from src.models.yolov8_qat import QuantConv
-
     out = []
     for name, m in model.named_modules():
         if not isinstance(m, QuantConv) or m.weight_quant is None or not bool(m.weight_quant.fake_quant_enabled):
@@ -212,8 +219,6 @@ def _bake_weights(model: nn.Module) -> list[WeightQuant]:
 
 def _strip_quantizers(model: nn.Module) -> None:
     """Remove every (switched-off) quantizer from the float copy: their uint8 switch buffers do not lower to MLIR."""
-    from src.models.yolov8_qat import QuantConv, Site
-
     for m in model.modules():
         for k, v in list(vars(m).items()):
             if isinstance(v, Site):
@@ -231,17 +236,13 @@ def _export_copy(model: nn.Module, imgsz: tuple[int, int]) -> tuple[nn.Module, n
     For a Detect model that is a wrapper making box coordinates input-relative, as Ultralytics' LiteRT export does:
     its ``LiteRTBackend`` always multiplies them back by the image size.
     """
-    from ultralytics.nn.modules import Detect
-
-    from src.export.onnx_qdq import prepare_for_export
+    from ultralytics.nn.modules import Detect  # deferred: heavy dependency, loaded when a model is exported
 
     m = prepare_for_export(model, False, "litert")
     head = next((h for h in m.modules() if isinstance(h, Detect)), None)
     if head is None or getattr(m, "end2end", False):
         return m, m
-    from ultralytics.utils.export.engine import _NormalizeCoords
-
-    return m, _NormalizeCoords(m, imgsz[0], imgsz[1], "detect", int(head.nc), None).eval()
+    return m, normalize_coords_wrapper(m, imgsz[0], imgsz[1], int(head.nc))
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -273,7 +274,7 @@ class _QuantizerInputs:
 # The TFLite side
 # --------------------------------------------------------------------------------------------------------------------
 def _interpreter(path_or_bytes, preserve: bool = False, reference_kernels: bool = False):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # deferred: heavy optional dependency
 
     kw = {"model_path": str(path_or_bytes)} if isinstance(path_or_bytes, (str, Path)) else \
         {"model_content": path_or_bytes}
@@ -304,7 +305,7 @@ def run_tflite(path: str | Path, image: np.ndarray, preserve: bool = False):
 
 def _graph(it) -> tuple[dict[int, dict], list[dict]]:
     tensors = {d["index"]: d for d in it.get_tensor_details()}
-    return tensors, it._get_ops_details()
+    return tensors, litert.ops_details(it)
 
 
 def _as_tflite_layouts(t: torch.Tensor, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -461,12 +462,10 @@ def _min_max_update(qsv: dict, new: dict) -> dict:
 
 def _calibrate(qt, float_path: Path, images: list[torch.Tensor]) -> dict:
     """Ranges of every tensor over the calibration images (min/max), for the tensors no QAT quantizer covers."""
-    from ai_edge_quantizer import calibrator
+    from ai_edge_quantizer import calibrator  # deferred: heavy optional dependency
 
     cal = calibrator.Calibrator(str(float_path), num_threads=1, qsv_update_func=_min_max_update)
-    # Quantizer.calibrate (ai-edge-quantizer 0.10.0) cannot take an update rule; its recipe manager is what it
-    # would pass here itself.
-    cal.calibrate({SIGNATURE: [{"args_0": im.numpy()} for im in images]}, qt._recipe_manager)
+    cal.calibrate({SIGNATURE: [{"args_0": im.numpy()} for im in images]}, litert.recipe_manager(qt))
     return cal.get_model_qsvs()
 
 
@@ -502,10 +501,6 @@ def _weight_qsv(wq: WeightQuant, dim: int, ndim: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------------------------
 def _default_calibration(imgsz: tuple[int, int], n: int = 8) -> torch.Tensor:
     """Synthetic-set scenes (the project's own generator) for the ranges no QAT quantizer covers."""
-    import cv2
-
-    from src.data.synthetic import render_image
-
     rng = np.random.default_rng(0)
     ims = []
     for _ in range(n):
@@ -539,6 +534,7 @@ def export_tflite(
         (written path, report).
     """
     _require_litert()
+    # deferred: heavy optional dependencies
     import litert_torch
     from ai_edge_quantizer import qtyping, quantizer, recipe
 
@@ -566,12 +562,8 @@ def export_tflite(
 
     with tempfile.TemporaryDirectory(prefix="tflite_export_") as tmp:
         float_path = Path(tmp) / "float.tflite"
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with single_thread():
             litert_torch.convert(m.eval(), (images[0],)).export(str(float_path))
-        finally:
-            torch.set_num_threads(threads)
         it, _ = run_tflite(float_path, images[0].numpy(), preserve=True)
         acts = _match_activations(it, rec.seen)
         via_concat, passthrough = _propagate(it, acts)
@@ -761,3 +753,104 @@ def lsb_error(model: nn.Module, path: str | Path, images: torch.Tensor, report: 
     out = np.concatenate([e.ravel() for e in out_err])
     return LSBError(float(out.max()), float(out.mean()), float(max(tensor_err, default=0)),
                     equal / max(total, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Format hooks (src.export.registry)
+# --------------------------------------------------------------------------------------------------------------------
+def check(ctx: ExportContext) -> None:
+    check_exportable(ctx.model)
+
+
+def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
+    """The .tflite and, beside it, the JSON report of where each int8 tensor's range came from."""
+    path, report = export_tflite(ctx.model, out_dir / f"{ctx.stem}.tflite", ctx.imgsz, ctx.metadata)
+    report_path = path.with_name(f"{ctx.stem}_tflite_ranges.json")
+    report_path.write_text(json.dumps(report.to_dict(), indent=1))
+    return [path, report_path]
+
+
+def read_metadata(path: Path) -> dict:
+    """The embedded ``metadata.json``, read by Ultralytics' own reader, as its ``LiteRTBackend`` reads it."""
+    from ultralytics.nn.backends.base import BaseBackend  # deferred: heavy dependency
+
+    meta = BaseBackend.read_metadata(path) if zipfile.is_zipfile(path) else {}
+    if not meta:
+        raise ValidationInputError(f"--model {path}: not a .tflite written by the TFLite export (no embedded "
+                                   "metadata.json, which YOLO() needs too); re-export it with tflite in "
+                                   "export.formats and export.include_metadata: true")
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401  # deferred: heavy optional dependency
+    except Exception as e:  # a broken native library fails as something other than ImportError
+        raise ValidationInputError(f"--model {path}: running a .tflite needs ai-edge-litert ({type(e).__name__}: "
+                                   f"{e}); pip install -r requirements-tflite.txt") from None
+    return meta
+
+
+def yolo_path(path: Path) -> nullcontext:
+    return nullcontext(path)
+
+
+def tflite_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The LiteRT interpreter as Ultralytics' ``LiteRTBackend`` runs it (default delegates), boxes back in pixels.
+
+    The export divides box coordinates by the image size inside the graph (as Ultralytics' own LiteRT export does);
+    scaling them back gives the units of the other runtimes and of the PyTorch reference.
+    """
+    from ai_edge_litert.interpreter import Interpreter  # deferred: heavy optional dependency
+
+    it = Interpreter(model_path=str(path), num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    if inp["dtype"] != np.float32 or out["dtype"] != np.float32:
+        raise ValidationInputError(f"--model {path}: graph input/output are {inp['dtype'].__name__}/"
+                                   f"{out['dtype'].__name__}; only float-I/O int8 models (what the TFLite export "
+                                   "writes) are validated here; re-export it")
+    h, w = (int(v) for v in inp["shape"][2:4])
+    size = np.array([w, h, w, h], dtype=np.float32).reshape(1, 4, 1)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        y = it.get_tensor(out["index"])  # a copy
+        y[:, :4] *= size
+        return y
+
+    return run
+
+
+def runners(path: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    return {"default": tflite_runner(path, threads)}
+
+
+def tflite_conv_precisions(path: Path) -> tuple[list[str], list[str]]:
+    """Convolutions of a .tflite by the dtypes of their input and weight tensors: (int8 names, other names).
+
+    The others are marked ``(partial)`` when one side is int8 (as the ONNX count marks a conv with one Q/DQ), else
+    ``(float)``; a name is the op, its index and the last scope of its weight tensor.
+    """
+    tensors, ops = _graph(_interpreter(path, reference_kernels=True))
+    int8, other = [], []
+    for op in ops:
+        if op["op_name"] not in WEIGHT_OPS:
+            continue
+        x, w = (tensors[i] for i in op["inputs"][:2])
+        name = f"{op['op_name']}#{op['index']} {w['name'].split(';')[0].rsplit('/', 1)[-1]}"
+        n_int8 = sum(d["dtype"] == np.int8 for d in (x, w))
+        if n_int8 == 2:
+            int8.append(name)
+        else:
+            other.append(f"{name} ({'partial' if n_int8 else 'float'})")
+    return int8, other
+
+
+def coverage(path: Path) -> Coverage:
+    """Convs with int8 input and weight run int8; a conv with one int8 side lost half its quantization.
+
+    Float by design, as in ONNX/OpenVINO: the DFL conv of the decoding tail; a quantized conv that lost both sides
+    shows in the count.
+    """
+    int8, others = tflite_conv_precisions(path)
+    floats = [n for n in others if n.endswith("(partial)")]
+    unquantized = [n for n in others if not n.endswith("(partial)")]
+    return Coverage(len(int8), len(int8) + len(floats), floats, unquantized)

@@ -22,32 +22,32 @@ conv in float), 2 bad input (missing file, unsupported format, ...).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
+import torch
 
+from src.deploy import preprocess_image
+from src.env import prepare_environment
 from src.errors import QATError
+from src.export.common import prepare_for_export
+from src.export.discovery import Target, ValidationInputError, discover
+from src.export.metadata import QUANT_KEY, REFERENCE_KEY
+from src.export.timing import measure_latency, median_iqr, runners_for, size_mb
+from src.models.yolov8_qat import build_from_checkpoint
 
 LOGGER = logging.getLogger("yolov8_qat")
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
-
-
-class ValidationInputError(QATError):
-    """A --model/--data/--reference argument cannot be used (message names it and the fix)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,167 +84,9 @@ def map_within_tolerance(map50_95: float, reference: float, tolerance_points: fl
     return abs(map50_95 - reference) * 100.0 <= tolerance_points + 1e-9
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Export discovery
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Target:
-    path: Path
-    format: str  # onnx | openvino | tensorrt (the TensorRT-ready ONNX, run with ONNX Runtime here) | tflite
-
-
-def discover(paths: list[str]) -> list[Target]:
-    """Exports named on the command line: files, ``*_openvino_model`` dirs, or an export dir in the spec's layout."""
-    targets: list[Target] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise ValidationInputError(f"--model {raw}: no such file or directory; pass an exported .onnx, an "
-                                       "OpenVINO .xml / *_openvino_model dir, a .tflite, or the --export-dir folder")
-        if p.is_dir():
-            found = _discover_dir(p)
-            if not found:
-                raise ValidationInputError(f"--model {raw}: no exports found (looked for onnx/*.onnx, "
-                                           "openvino/*.xml, tensorrt/*.onnx, tflite/*.tflite and *.xml in "
-                                           "*_openvino_model)")
-            targets.extend(found)
-        else:
-            targets.append(Target(p, _format_of(p)))
-    return targets
-
-
-def _discover_dir(d: Path) -> list[Target]:
-    if d.name.endswith("_openvino_model"):
-        return [Target(x, "openvino") for x in sorted(d.glob("*.xml"))]
-    found = [Target(x, "onnx") for x in sorted((d / "onnx").glob("*.onnx"))]
-    found += [Target(x, "openvino") for x in sorted((d / "openvino").glob("*.xml"))]
-    found += [Target(x, "tensorrt") for x in sorted((d / "tensorrt").glob("*.onnx"))]
-    found += [Target(x, "tflite") for x in sorted((d / "tflite").glob("*.tflite"))]
-    for sub in sorted(d.glob("*_openvino_model")):
-        found += [Target(x, "openvino") for x in sorted(sub.glob("*.xml"))]
-    if not found:
-        found = [Target(x, _format_of(x)) for x in sorted([*d.glob("*.onnx"), *d.glob("*.tflite")])]
-    return found
-
-
-def _format_of(p: Path) -> str:
-    suffix = p.suffix.lower()
-    if suffix == ".onnx":
-        return "tensorrt" if p.parent.name == "tensorrt" else "onnx"
-    if suffix == ".xml":
-        return "openvino"
-    if suffix == ".tflite":
-        return "tflite"
-    if suffix == ".engine":
-        raise ValidationInputError(f"--model {p}: TensorRT engines are validated on a TensorRT machine; here "
-                                   f"validate the TensorRT-ready ONNX ({p.with_suffix('.onnx').name}) instead")
-    raise ValidationInputError(f"--model {p}: unsupported export format {suffix or '(no suffix)'}; expected .onnx, "
-                               "an OpenVINO .xml or .tflite")
-
-
 def export_metadata(t: Target) -> dict:
-    """The export's metadata (ONNX ``metadata_props``, ``metadata.yaml``, or a .tflite's ``metadata.json``).
-
-    A .tflite's is read by Ultralytics' own reader, as its ``LiteRTBackend`` reads it.
-    """
-    from src.export.metadata import read_metadata
-
-    if t.format != "tflite":
-        return read_metadata(t.path)
-    from ultralytics.nn.backends.base import BaseBackend
-
-    meta = BaseBackend.read_metadata(t.path) if zipfile.is_zipfile(t.path) else {}
-    if not meta:
-        raise ValidationInputError(f"--model {t.path}: not a .tflite written by the TFLite export (no embedded "
-                                   "metadata.json, which YOLO() needs too); re-export it with tflite in "
-                                   "export.formats and export.include_metadata: true")
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-    except Exception as e:  # a broken native library fails as something other than ImportError
-        raise ValidationInputError(f"--model {t.path}: running a .tflite needs ai-edge-litert ({type(e).__name__}: "
-                                   f"{e}); pip install -r requirements-tflite.txt") from None
-    return meta
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Runtimes (batch 1, fixed threads)
-# --------------------------------------------------------------------------------------------------------------------
-def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    # ONNX Runtime's workers spin after each run by default: interleaved with the other runtimes they would steal
-    # the cores those are being timed on
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
-
-
-def ov_runner(path: Path, threads: int, f32: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    from src.export.openvino_export import compile_model
-
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if f32:
-        config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = compile_model(path, "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda x: np.array(request.infer([x])[0])
-
-
-def tflite_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The LiteRT interpreter as Ultralytics' ``LiteRTBackend`` runs it (default delegates), boxes back in pixels.
-
-    The export divides box coordinates by the image size inside the graph (as Ultralytics' own LiteRT export does);
-    scaling them back gives the units of the other runtimes and of the PyTorch reference.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if inp["dtype"] != np.float32 or out["dtype"] != np.float32:
-        raise ValidationInputError(f"--model {path}: graph input/output are {inp['dtype'].__name__}/"
-                                   f"{out['dtype'].__name__}; only float-I/O int8 models (what the TFLite export "
-                                   "writes) are validated here; re-export it")
-    h, w = (int(v) for v in inp["shape"][2:4])
-    size = np.array([w, h, w, h], dtype=np.float32).reshape(1, 4, 1)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        it.set_tensor(inp["index"], x)
-        it.invoke()
-        y = it.get_tensor(out["index"])  # a copy
-        y[:, :4] *= size
-        return y
-
-    return run
-
-
-def runners_for(t: Target, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Runtime variants timed for one export: the default, plus OpenVINO with f32 inference precision."""
-    if t.format == "openvino":
-        return {"default": ov_runner(t.path, threads), "f32": ov_runner(t.path, threads, f32=True)}
-    if t.format == "tflite":
-        return {"default": tflite_runner(t.path, threads)}
-    return {"default": ort_runner(t.path, threads)}
-
-
-@contextlib.contextmanager
-def yolo_path(t: Target) -> Iterator[Path]:
-    """The path Ultralytics' ``YOLO()`` loads this export from."""
-    if t.format == "openvino":
-        from src.export.openvino_export import ultralytics_view
-
-        with ultralytics_view(t.path) as view:
-            yield view
-    else:
-        yield t.path
-
-
-def size_mb(t: Target) -> float:
-    files = [t.path] + ([t.path.with_suffix(".bin")] if t.format == "openvino" else [])
-    return sum(f.stat().st_size for f in files if f.exists()) / 1e6
+    """The export's metadata (ONNX ``metadata_props``, ``metadata.yaml``, or a .tflite's ``metadata.json``)."""
+    return t.spec.hooks.read_metadata(t.path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,16 +99,16 @@ def _val_args(data: str, imgsz: int, batch: int, device: str, save_dir: Path) ->
 
 def export_map(t: Target, data: str, imgsz: int, device: str, work: Path) -> tuple[float, float]:
     """mAP50, mAP50-95 of an export through ``YOLO(path).val`` (Ultralytics' backend and validator)."""
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # deferred: heavy dependency
 
-    with yolo_path(t) as p:
+    with t.spec.hooks.yolo_path(t.path) as p:
         metrics = YOLO(str(p), task="detect").val(**_val_args(data, imgsz, 1, device, work / f"val_{t.format}"))
     return float(metrics.box.map50), float(metrics.box.map)
 
 
 def torch_map(model, data: str, imgsz: int, device: str, work: Path) -> tuple[float, float]:
     """mAP50, mAP50-95 of the fake-quant PyTorch model with the exports' preprocessing (static letterbox)."""
-    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.models.yolo.detect import DetectionValidator  # deferred: heavy dependency
 
     validator = DetectionValidator(args=_val_args(data, imgsz, 8, device, work / "val_reference"))
     stats = validator(model=copy.deepcopy(model).float().eval())
@@ -275,10 +117,8 @@ def torch_map(model, data: str, imgsz: int, device: str, work: Path) -> tuple[fl
 
 def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
     """The first ``n`` validation images, letterboxed to ``imgsz`` as the validator does: (n, 3, h, w) float32 RGB."""
-    import cv2
+    import cv2  # deferred: heavy dependency
     from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
-
-    from src.deploy import preprocess_image
 
     d = check_det_dataset(data)
     roots = d["val"] if isinstance(d["val"], list) else [d["val"]]
@@ -298,10 +138,6 @@ def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
 
 def torch_outputs(model, images: np.ndarray) -> list[np.ndarray]:
     """Raw (1, 4+nc, anchors) outputs of the fake-quant model in export form, one image at a time."""
-    import torch
-
-    from src.export.onnx_qdq import prepare_for_export
-
     m = prepare_for_export(model)
     with torch.no_grad():
         return [m(torch.from_numpy(x[None])).numpy() for x in images]
@@ -319,89 +155,18 @@ def parity(reference: list[np.ndarray], runner: Callable, images: np.ndarray) ->
     return float(np.abs(a - b).max()), cos
 
 
-def measure_latency(variants: dict, x: np.ndarray, warmup: int, rounds: int) -> dict:
-    """Per variant, ``rounds`` single-image timings (ms), taken round-robin so drift hits every variant alike."""
-    for run in variants.values():
-        for _ in range(warmup):
-            run(x)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, run in variants.items():
-            t0 = time.perf_counter()
-            run(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def median_iqr(ts: list[float]) -> tuple[float, float]:
-    """Median and inter-quartile range of timings (IQR 0 for a single timing)."""
-    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return statistics.median(ts), q[2] - q[0]
-
-
 def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list[str] | None]:
     """(INT8 convs, quantized convs running in float (by name), TensorRT rule violations or None).
 
     ``expected`` is the number of quantized convs of the placement: a conv whose Q/DQ were both lost looks like a
     float-by-design conv in the file, so it is caught by the count.
     """
-    violations = None
-    if t.format == "openvino":
-        from src.export.openvino_export import runtime_int8_report
-
-        r = runtime_int8_report(t.path)
-        int8, found = len(r.int8), len(r.quantized)
-        floats = [f"{k} ({v})" for k, v in r.float_fallbacks.items()]
-        unquantized = list(r.unquantized)
-    elif t.format == "tflite":
-        # Float by design, as in ONNX/OpenVINO: the DFL conv of the decoding tail; a conv with one int8 side is a
-        # quantized conv that lost half its quantization, and a lost one shows in the count.
-        int8_names, others = tflite_conv_precisions(t.path)
-        int8 = found = len(int8_names)
-        floats = [n for n in others if n.endswith("(partial)")]
-        unquantized = [n for n in others if not n.endswith("(partial)")]
-    else:
-        import onnx
-
-        from src.export.onnx_qdq import qdq_summary
-
-        proto = onnx.load(str(t.path))
-        s = qdq_summary(proto)
-        int8 = found = len(s.quantized_convs)
-        floats = list(s.partially_quantized)
-        unquantized = [c for c in s.float_convs if c not in floats]
-        if t.format == "tensorrt":
-            from src.export.tensorrt_export import check_tensorrt_rules
-
-            violations = check_tensorrt_rules(proto)
-    partial = len(floats) if t.format != "openvino" else 0  # already named above and missing from ``found``
-    if expected is not None and found + partial < expected:
-        floats.append(f"{expected - found - partial} quantized conv(s) lost their quantization (float convs in the file: "
-                      f"{', '.join(unquantized)})")
-    return int8, floats, violations
-
-
-def tflite_conv_precisions(path: Path) -> tuple[list[str], list[str]]:
-    """Convolutions of a .tflite by the dtypes of their input and weight tensors: (int8 names, other names).
-
-    The others are marked ``(partial)`` when one side is int8 (as the ONNX count marks a conv with one Q/DQ), else
-    ``(float)``; a name is the op, its index and the last scope of its weight tensor.
-    """
-    from src.export.tflite_export import WEIGHT_OPS, _graph, _interpreter
-
-    tensors, ops = _graph(_interpreter(path, reference_kernels=True))
-    int8, other = [], []
-    for op in ops:
-        if op["op_name"] not in WEIGHT_OPS:
-            continue
-        x, w = (tensors[i] for i in op["inputs"][:2])
-        name = f"{op['op_name']}#{op['index']} {w['name'].split(';')[0].rsplit('/', 1)[-1]}"
-        n_int8 = sum(d["dtype"] == np.int8 for d in (x, w))
-        if n_int8 == 2:
-            int8.append(name)
-        else:
-            other.append(f"{name} ({'partial' if n_int8 else 'float'})")
-    return int8, other
+    cov = t.spec.hooks.coverage(t.path)
+    floats = list(cov.floats)
+    if expected is not None and cov.seen < expected:
+        floats.append(f"{expected - cov.seen} quantized conv(s) lost their quantization (float convs in the file: "
+                      f"{', '.join(cov.unquantized)})")
+    return cov.int8, floats, cov.violations
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,10 +184,6 @@ class Reference:
 def load_reference(path: str | None, data: str, imgsz: int, device: str, work: Path) -> Reference:
     if not path:
         return Reference(None, None, None, None, None)
-    import torch
-
-    from src.models.yolov8_qat import build_from_checkpoint
-
     p = Path(path)
     if not p.is_file():
         raise ValidationInputError(f"--reference {path}: no such file; pass the QAT checkpoint the exports came from "
@@ -455,8 +216,6 @@ def validate(
     parity_count: int = 8,
 ) -> list[ExportResult]:
     """Validate every export; see the module docstring. Returns one result per export."""
-    from src.export.metadata import QUANT_KEY, REFERENCE_KEY
-
     if not Path(data).is_file():
         raise ValidationInputError(f"--data {data}: no such file; pass the dataset YAML the model was trained on")
     targets = discover(models)
@@ -587,8 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from src.env import prepare_environment
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stdout,
                         force=True)
