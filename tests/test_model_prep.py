@@ -24,6 +24,7 @@ from src.models.yolov8_qat import (
 from src.quantization.calibration import calibrate
 from src.quantization.fake_quantize import FakeQuantize
 from src.quantization.fusion import fold_bn_into_conv_params, fuse_conv_bn
+from src.training.checkpoint import load_checkpoint_file
 
 CONFIG = "configs/qat_config.yaml"
 
@@ -287,6 +288,27 @@ def test_checkpoint_round_trip_is_bit_identical(cfg, tmp_path, variant, kwargs):
     assert m2.qat_placement.to_dict() == m.qat_placement.to_dict()
     sd1, sd2 = m.state_dict(), m2.state_dict()
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+MIXED = {"model.1": {"weight_bits": 4}, "model.2.cv1": {"float": True}, "a3": {"activation_bits": 6}}
+
+
+def test_placement_carries_bit_overrides_into_checkpoints(cfg, tmp_path):
+    m = _calibrated(cfg, bit_overrides=MIXED).eval()
+    assert m.qat_placement.bit_overrides == MIXED
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)[0]
+    path = tmp_path / "q.pt"
+    torch.save(qat_checkpoint(m, cfg), path)
+    ckpt = load_checkpoint_file(path)
+    assert ckpt["placement"]["bit_overrides"] == ckpt["bit_overrides"] == MIXED
+    older = {**ckpt, "placement": {k: v for k, v in ckpt["placement"].items() if k != "bit_overrides"}}
+    for c in (ckpt, older):  # checkpoints from before the placement carried them keep them only beside it
+        m2, _ = build_from_checkpoint(c)
+        assert m2.qat_placement.bit_overrides == MIXED
+        with torch.no_grad():
+            assert torch.equal(m2.eval()(x)[0], ref)
 
 
 def test_forward_backward_through_fake_quant(cfg):

@@ -13,6 +13,7 @@ import math
 import torch
 
 from src.errors import QATError
+from src.integrations.torch_ops import learnable_fake_quantize_backward
 
 _FP32 = torch.finfo(torch.float32)
 EPS = _FP32.eps
@@ -258,12 +259,8 @@ class LSQFakeQuant(torch.autograd.Function):
         x, s, zp = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         grad_out = grad_out.float().contiguous()
-        if ctx.axis is None:
-            grad_x, grad_s, grad_zp = torch.ops.aten._fake_quantize_learnable_per_tensor_affine_backward(
-                grad_out, x, s.reshape(1), zp.reshape(1), qmin, qmax, ctx.grad_scale)
-        else:
-            grad_x, grad_s, grad_zp = torch.ops.aten._fake_quantize_learnable_per_channel_affine_backward(
-                grad_out, x, s, zp, ctx.axis, qmin, qmax, ctx.grad_scale)
+        grad_x, grad_s, grad_zp = learnable_fake_quantize_backward(grad_out, x, s, zp, qmin, qmax, ctx.grad_scale,
+                                                                   ctx.axis)
         if ctx.grad_factor != 1.0:
             grad_x = grad_x * ctx.grad_factor
         grad_s = grad_s.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])

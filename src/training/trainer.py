@@ -22,8 +22,12 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from src.errors import QATError
+from src.integrations.torch_ops import is_batch_norm, is_norm_layer
+from src.integrations.ultralytics import set_model_args
 from src.models.yolov8_qat import qat_checkpoint, refresh_weight_qparams, set_observers
 from src.quantization.fake_quantize import FakeQuantize
 from src.quantization.utils import NonFiniteObservationError
@@ -72,7 +76,7 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
                 qparams.append(p)
             elif pname == "bias":
                 bias.append(p)
-            elif isinstance(module, nn.modules.batchnorm._NormBase):
+            elif is_norm_layer(module):
                 no_decay.append(p)
             else:
                 decay.append(p)
@@ -104,7 +108,7 @@ def lr_factor(cfg, epoch: int, epochs: int, lrf: float = 0.01) -> float:
     over ``epochs`` (epoch ``epochs - 1`` is the last one run, so the floor itself is never reached — with the default
     2 epochs the second runs at about half the lr, as ``yolo train`` would)."""
     if cfg.train_params.lr_scheduler == "cosine":
-        from ultralytics.utils.torch_utils import one_cycle
+        from ultralytics.utils.torch_utils import one_cycle  # deferred: imported after src.env prepared Ultralytics
 
         return one_cycle(1, lrf, max(epochs, 1))(epoch)
     return (1 - epoch / max(epochs, 1)) * (1.0 - lrf) + lrf
@@ -142,16 +146,14 @@ class QATTrainer:
         self._resume_rng = None
         self.stop_requested = False
         self.hyp = hyperparameters(cfg)
-        self.model.args = self.hyp  # v8DetectionLoss reads its gains from model.args
+        set_model_args(self.model, self.hyp)  # v8DetectionLoss reads its gains from model.args
         self.model.to(device)
         self.rank, self.world_size = distributed_rank(), distributed_world_size()
         self.forward_model = self.model
         if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # as Ultralytics does: buffers are not broadcast (observers all-reduce their own statistics)
-            self.forward_model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                                     broadcast_buffers=False)
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if self.world_size > 1 and self.validate_each_epoch:
             # Ultralytics' standalone validator synchronises ranks itself (torch_distributed_zero_first), so it can
             # only run once the process group is gone: evaluation happens after training (--eval)
@@ -176,7 +178,7 @@ class QATTrainer:
 
     def _tb(self):
         if self.writer is None and self.log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: heavy optional dependency
 
             self.writer = SummaryWriter(str(self.log_dir))
         return self.writer
@@ -190,7 +192,7 @@ class QATTrainer:
         freeze_bn = fine_tuning or (qp.freeze_bn_epoch is not None and epoch >= qp.freeze_bn_epoch)
         if freeze_bn:
             for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if is_batch_norm(m):
                     m.eval()
         if self.ema is not None:
             self.ema.sync_buffers(self.model)
@@ -266,8 +268,6 @@ class QATTrainer:
         return self.eval_model
 
     def _train_epoch(self, loader, epoch: int, nb: int, accumulate: int, warmup_iters: int) -> dict:
-        from tqdm import tqdm
-
         tp = self.cfg.train_params
         self.model.train()
         self._set_epoch_switches(epoch)

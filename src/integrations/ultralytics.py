@@ -1,0 +1,94 @@
+"""Ultralytics 8.4.190 internals this toolkit relies on (contract-tested in tests/test_integrations.py).
+
+Ultralytics reads its environment once, at import, so it is imported inside these functions: whatever imports this
+module must not pull Ultralytics in before ``src.env.prepare_environment()`` has run.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from torch import nn
+
+# Set on every top-level layer by ``parse_model`` and read by ``BaseModel._predict_once`` (``f``: where the input
+# comes from, ``i``: layer index, whether its output is saved); a module swapped in for a layer must carry them.
+LAYER_ATTRS = ("f", "i", "type", "np")
+
+
+class BlockModules(NamedTuple):
+    """Ultralytics' modules holding the YOLOv8 building blocks."""
+
+    conv: ModuleType  # Conv, DWConv, Concat and the unsupported conv variants
+    block: ModuleType  # Bottleneck, C2f, SPPF, DFL
+    head: ModuleType  # Detect
+
+
+@functools.cache
+def block_modules() -> BlockModules:
+    """Ultralytics' block modules, imported on first use."""
+    # deferred: Ultralytics must be imported after src.env.prepare_environment()
+    from ultralytics.nn.modules import block, conv, head
+
+    return BlockModules(conv, block, head)
+
+
+def carry_layer_attrs(old: nn.Module, new: nn.Module) -> None:
+    """Copy the ``parse_model`` layer attributes of ``old`` onto ``new`` (those ``new`` lacks)."""
+    for a in LAYER_ATTRS:
+        if hasattr(old, a) and not hasattr(new, a):
+            setattr(new, a, getattr(old, a))
+
+
+def conv_block_bn(block: nn.Module) -> nn.BatchNorm2d | None:
+    """The BatchNorm of a ``Conv``/``DWConv`` block; None once Ultralytics' ``fuse()`` has folded and deleted it."""
+    return getattr(block, "bn", None)
+
+
+def rebuild_conv_block(source: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module) -> nn.Module:
+    """An Ultralytics ``Conv`` (or ``DWConv`` for ``source="DWConv"``) made of the given modules.
+
+    ``__init__`` is skipped: it would allocate new weights; the block's forward uses exactly ``conv``, ``bn`` and
+    ``act``, registered in its own order.
+    """
+    conv_mod = block_modules().conv
+    cls = conv_mod.DWConv if source == "DWConv" else conv_mod.Conv
+    block = cls.__new__(cls)
+    nn.Module.__init__(block)
+    block.conv, block.bn = conv, bn
+    block.act = act
+    return block
+
+
+def rebuild_bottleneck(cv1: nn.Module, cv2: nn.Module, add: bool) -> nn.Module:
+    """An Ultralytics ``Bottleneck`` made of the given convs (``__init__`` skipped as in :func:`rebuild_conv_block`)."""
+    cls = block_modules().block.Bottleneck
+    b = cls.__new__(cls)
+    nn.Module.__init__(b)
+    b.cv1, b.cv2, b.add = cv1, cv2, add
+    return b
+
+
+def has_one2one_head(detect: nn.Module) -> bool:
+    """Whether a ``Detect`` head carries the end-to-end (NMS-free) one-to-one branch."""
+    return getattr(detect, "one2one_cv2", None) is not None
+
+
+def set_model_args(model: nn.Module, args: Any) -> None:
+    """Set ``model.args``, where Ultralytics looks for a model's hyperparameters.
+
+    ``v8DetectionLoss`` reads its box/cls/dfl gains from it (as attributes) when ``model.loss`` first builds the
+    criterion; Ultralytics' own checkpoints carry it as a dict of training arguments.
+    """
+    model.args = args
+
+
+def normalize_coords_wrapper(model: nn.Module, height: int, width: int, nc: int) -> nn.Module:
+    """The wrapper Ultralytics' LiteRT export puts around a Detect model: box coordinates relative to the image size.
+
+    ``LiteRTBackend`` multiplies them back by the image size, so a TFLite file must carry the same convention.
+    """
+    from ultralytics.utils.export.engine import _NormalizeCoords  # private; deferred: loads the exporter
+
+    return _NormalizeCoords(model, height, width, "detect", int(nc), None).eval()
