@@ -23,7 +23,6 @@ def _prepared(bit_overrides=None):
     m = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     cfg = load_config(None)
     prepare_qat_model(m, cfg, bit_overrides=bit_overrides)
-    m.qat_bit_overrides = bit_overrides or {}
     torch.manual_seed(1)
     calibrate(m, [torch.rand(2, 3, 64, 64)], 2, progress=False)
     return m.eval()

@@ -168,7 +168,7 @@ def test_cli_distillation_with_mixed_precision(tiny_dataset, tmp_path):
     assignment = json.loads((run / "mixed_precision" / "assignment.json").read_text())
     assert assignment["assignment"]["avg_bits"] <= 6.0
     model, _ = build_from_checkpoint(torch.load(run / "quantized_model.pt", weights_only=True))
-    assert model.qat_bit_overrides == assignment["bit_overrides"]
+    assert model.qat_placement.bit_overrides == assignment["bit_overrides"]
     bits = {l.name: l.weight_bits for l in model.qat_placement.layers if l.quantized}
     assert bits == {k: v for k, v in assignment["assignment"]["weight_bits"].items()}
     rows = {line.split()[0]: line.split() for line in (run / "placement.txt").read_text().splitlines() if line}

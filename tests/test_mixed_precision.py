@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from src.config import ConfigError, load_config
-from src.quantization.mixed_precision import (
+from src.quantization.bit_allocation import (
     LayerSensitivity,
     MixedPrecisionError,
     SensitivityTable,
     assign_bits,
     average_bits,
-    mixed_precision_stage,
     search_max_map_drop,
 )
+from src.stages.context import RunContext
+from src.stages.mixed_precision import mixed_precision_stage
 
 
 def _mp(**kw):
@@ -136,34 +137,40 @@ def _fp32():
     return m
 
 
+def _ctx(cfg, data: dict, data_yaml: str, tmp_path) -> RunContext:
+    return RunContext(cfg, data, data_yaml, torch.device("cpu"), -1, tmp_path / "run", tmp_path / "exported",
+                      tmp_path / "logs", "quantized_model.pt", None, True, False, False, False, False)
+
+
 def test_stage_measures_caches_assigns_and_round_trips_through_checkpoint(tiny_dataset, tmp_path):
     from src.data.resolve import resolve_data
     from src.models.yolov8_qat import build_from_checkpoint, prepare_qat_model, qat_checkpoint
-    from src.quantization.mixed_precision import _sensitivity_batches
+    from src.stages.sensitivity import sensitivity_batches
 
     cfg = _cfg(tmp_path, budget_type="avg_bits", budget=6.0)
     data = resolve_data(str(tiny_dataset))
     fp32 = _fp32()
     dev = torch.device("cpu")
-    res = mixed_precision_stage(fp32, cfg, data, str(tiny_dataset), dev, progress=False)
+    ctx = _ctx(cfg, data, str(tiny_dataset), tmp_path)
+    res = mixed_precision_stage(ctx, fp32, progress=False)
     assert not res.cached and res.assignment.avg_bits <= 6.0
     assert all(l.sqnr_db["4"] < l.sqnr_db["8"] for l in res.table.layers)  # fewer bits, more noise
     # Pareto points: uniform W8, uniform W4 and the mix, each a real PTQ validation
     assert [p["label"] for p in res.points] == ["uniform W8A8", "uniform W4A8", "mixed (chosen)"]
     assert all(p["map50_95"] is not None for p in res.points)
 
-    again = mixed_precision_stage(fp32, cfg, data, str(tiny_dataset), dev, progress=False)
+    again = mixed_precision_stage(ctx, fp32, progress=False)
     assert again.cached and again.table.to_dict() == res.table.to_dict() and again.bit_overrides == res.bit_overrides
 
     # recompute one layer's numbers directly: only its 4-bit weight quantizer on
     name = res.table.layers[5].name
-    batches = _sensitivity_batches(cfg, data, dev, 32)
-    from src.quantization.mixed_precision import _detection_loss, _prepared
+    batches = sensitivity_batches(cfg, data, dev, 32)
+    from src.stages.sensitivity import _detection_loss, ptq_on_batches
     from src.models.yolov8_qat import set_fake_quant
     from src.training.data import hyperparameters
     from src.analysis.layer_error import sqnr_db
 
-    m = _prepared(fp32, cfg, {l.name: {"weight_bits": 4} for l in res.table.layers}, batches)
+    m = ptq_on_batches(fp32, cfg, {l.name: {"weight_bits": 4} for l in res.table.layers}, batches)
     m.args = hyperparameters(cfg)
     set_fake_quant(m, False)
     base = _detection_loss(m, batches)
@@ -182,11 +189,10 @@ def test_stage_measures_caches_assigns_and_round_trips_through_checkpoint(tiny_d
     # the choice is prepared, stored in the checkpoint and rebuilt identically
     model = _fp32()
     placement = prepare_qat_model(model, cfg, bit_overrides=res.bit_overrides)
-    model.qat_bit_overrides = res.bit_overrides
     bits = {l.name: l.weight_bits for l in placement.layers if l.quantized}
     assert bits == {n: b for n, b in res.assignment.weight_bits.items()}
     rebuilt, _ = build_from_checkpoint(qat_checkpoint(model, cfg))
-    assert rebuilt.qat_bit_overrides == res.bit_overrides
+    assert rebuilt.qat_placement.bit_overrides == res.bit_overrides
     assert {l.name: l.weight_bits for l in rebuilt.qat_placement.layers if l.quantized} == bits
     out = res.write(tmp_path / "run")
     assert (out / "pareto.png").stat().st_size > 0 and "theoretical" in (out / "report.md").read_text()

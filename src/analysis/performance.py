@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -11,19 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.export.discovery import discover
+from src.export.timing import measure_latency, median_iqr, runners_for, size_mb
+from src.training.evaluate import evaluate
+
 LOGGER = logging.getLogger("yolov8_qat")
-
-
-def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None, data: dict, device) -> nn.Module:
-    """The PTQ baseline of a configuration: the float model prepared the same way and calibrated (no training)."""
-    from src.models.yolov8_qat import prepare_qat_model
-    from src.pipeline import calibrate_stage
-
-    m = copy.deepcopy(fp32_model)
-    prepare_qat_model(m, cfg, bit_overrides=bit_overrides or None)
-    m.qat_bit_overrides = bit_overrides or {}
-    calibrate_stage(m, cfg, data, device)
-    return m
 
 
 def collect_map(out_dir: Path, models: dict[str, nn.Module | None], data_yaml: str, cfg, device) -> dict[str, dict]:
@@ -36,8 +27,6 @@ def collect_map(out_dir: Path, models: dict[str, nn.Module | None], data_yaml: s
         cfg: Resolved config (img_size, batch_size).
         device: Validation device.
     """
-    from src.training.evaluate import evaluate
-
     known: dict = {}
     path = Path(out_dir) / "metrics.json"
     if path.is_file():
@@ -64,8 +53,6 @@ def export_latency(export_dir: Path | None, imgsz: int, warmup: int = 3, rounds:
     """
     if export_dir is None or not Path(export_dir).is_dir():
         return []
-    from src.export.validate import discover, measure_latency, median_iqr, runners_for, size_mb
-
     try:
         targets = discover([str(export_dir)])
     except Exception as err:  # an empty or foreign folder: nothing to time

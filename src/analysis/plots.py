@@ -7,10 +7,11 @@ from pathlib import Path
 
 
 def _plt():
+    # deferred: matplotlib is heavy and only the report and Pareto plots need it
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the Agg backend
 
     return plt
 

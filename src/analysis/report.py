@@ -18,6 +18,7 @@ from torch import nn
 from src.analysis import plots
 from src.analysis.layer_error import layer_errors
 from src.analysis.model_stats import model_sizes, quantization_ratio
+from src.training.data import build_loader, hyperparameters, preprocess_batch
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -27,8 +28,6 @@ THEORETICAL = ("theoretical: sub-8-bit weights are exported as int8 storage hold
 
 def analysis_images(data: dict, cfg, n: int = 8) -> torch.Tensor:
     """``n`` validation images (letterboxed, [0, 1]) at ``train_params.img_size`` for the layer-wise error."""
-    from src.training.data import build_loader, hyperparameters, preprocess_batch
-
     loader = build_loader(hyperparameters(cfg, mode="val"), data, "val", n, mode="val", shuffle=False, workers=0)
     batch = next(iter(loader))
     return preprocess_batch(batch, torch.device("cpu"))["img"][:n]
@@ -58,7 +57,7 @@ def build_report(model: nn.Module, images: torch.Tensor, *, performance: dict | 
     rows.sort(key=lambda r: (r["sqnr_cumulative_db"], r["sqnr_isolated_db"]))  # worst first
     report = {"quantization_ratio": ratio, "sizes": sizes, "layer_errors": rows, "layer_error_images":
               int(images.shape[0]), "placement": model.qat_placement.to_dict(),
-              "bit_overrides": getattr(model, "qat_bit_overrides", {}) or {},
+              "bit_overrides": model.qat_placement.bit_overrides,
               "performance": performance or {}, "latency": latency or []}
     if sizes["sub_8_bit"]:
         report["sizes"]["note"] = THEORETICAL
@@ -150,7 +149,7 @@ def write_report(report: dict, model: nn.Module, out_dir: Path, log_dir: Path | 
 
 
 def _tensorboard(report: dict, md: str, log_dir: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # deferred: heavy optional dependency (tensorboard)
 
     w = SummaryWriter(str(log_dir))
     try:
@@ -173,44 +172,3 @@ def _tensorboard(report: dict, md: str, log_dir: Path) -> None:
         w.add_text("analysis/report", md, 0)
     finally:
         w.close()
-
-
-def run_analysis(model: nn.Module, cfg, out_dir: Path, *, data: dict | None, data_yaml: str | None, device,
-                 fp32_model: nn.Module | None = None, ptq_model: nn.Module | None = None, stage: str = "qat",
-                 export_dir: Path | None = None, log_dir: Path | None = None, mixed_precision: dict | None = None,
-                 metrics_dir: Path | None = None) -> dict:
-    """The --analyze stage: gather accuracy and latency, build the report, write it under ``out_dir/analysis``.
-
-    Args:
-        model: The quantized model to analyse (a run's final model or a loaded QAT checkpoint).
-        cfg: Resolved config.
-        out_dir: Run directory (or the checkpoint's folder); the report goes to ``out_dir/analysis``.
-        data: Checked data dict; None skips accuracy and uses no layer-error images (an error: see below).
-        data_yaml: Data YAML path for the validator.
-        device: Validation device.
-        fp32_model: The float source (FP32 mAP; and the PTQ baseline when ``ptq_model`` is None).
-        ptq_model: The calibrated, untrained model of this configuration, when the caller kept it.
-        stage: Label of ``model`` ("qat" or "ptq").
-        export_dir: Folder of exports whose latency to measure (skipped when absent/empty).
-        log_dir: TensorBoard directory.
-        mixed_precision: ``MixedPrecisionResult.to_dict()`` of this run.
-        metrics_dir: Where a metrics.json to reuse lives (default ``out_dir``).
-    """
-    from src.analysis.performance import build_ptq_model, collect_map, export_latency
-    from src.errors import QATError
-
-    if data is None:
-        raise QATError("--analyze needs images for the layer-wise error; pass --data <data.yaml>")
-    images = analysis_images(data, cfg)
-    performance = {}
-    if data_yaml is not None:
-        if stage == "ptq":
-            ptq_model = model
-        elif ptq_model is None and fp32_model is not None:
-            ptq_model = build_ptq_model(fp32_model, cfg, getattr(model, "qat_bit_overrides", None), data, device)
-        models = {"fp32": fp32_model, "ptq": ptq_model, stage: model}
-        performance = collect_map(Path(metrics_dir or out_dir), models, data_yaml, cfg, device)
-    latency = export_latency(export_dir, cfg.train_params.img_size)
-    report = build_report(model, images, performance=performance, latency=latency, mixed_precision=mixed_precision)
-    write_report(report, model, Path(out_dir) / "analysis", log_dir)
-    return report

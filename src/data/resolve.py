@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from src.env import REPO_ROOT, prepare_environment
 from src.errors import DataError, ModelLoadError, ModelNotFoundError
+from src.integrations.ultralytics import set_model_args
 
 # A QAT checkpoint is a torch.save'd dict holding this key (its value: the format version).
 QAT_CHECKPOINT_KEY = "yolov8_qat"
@@ -127,8 +129,6 @@ def _not_found_message(text: str, candidates: list[Path], defaulted: bool, varia
 
 def _checkpoint_kind(path: Path) -> ModelKind:
     """Tell a QAT checkpoint (a safe dict) from an Ultralytics one (a pickle of modules) without unpickling code."""
-    import torch
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -160,6 +160,7 @@ def _resolve_yaml(text: str) -> ResolvedModel:
 def _packaged_model_yaml(name: str) -> dict | None:
     """The model dict for a packaged name like yolov8s.yaml, or None; searches files only."""
     prepare_environment()
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.nn.tasks import yaml_model_load
 
     try:
@@ -202,9 +203,23 @@ def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
     return model
 
 
+def load_fp32_source(source: str | None, variant: str, *, required: bool = True):
+    """The float model a QAT checkpoint names as its ``fp32_source``; None when there is none.
+
+    Args:
+        source: The recorded path.
+        variant: ``model.variant`` (resolution of a bare name).
+        required: Load even a file that is gone (its not-found error names the fix); else skip it.
+    """
+    if not source or not (required or Path(source).exists()):
+        return None
+    return load_fp32_model(resolve_model_path(source, variant))
+
+
 def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.cfg import DEFAULT_CFG_DICT
-    from ultralytics.nn.tasks import DetectionModel, guess_model_task, yaml_model_load
+    from ultralytics.nn.tasks import DetectionModel, guess_model_task, yaml_model_load  # deferred: as above
 
     try:
         cfg = yaml_model_load(resolved.path)
@@ -221,11 +236,12 @@ def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
         raise ModelLoadError(f"nc={nc!r} must be a positive integer (the dataset's number of classes).")
     model = DetectionModel(cfg, nc=nc, verbose=False)
-    model.args = dict(DEFAULT_CFG_DICT)
+    set_model_args(model, dict(DEFAULT_CFG_DICT))
     return model
 
 
 def _load_ultralytics_checkpoint(path: Path):
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint
 
     try:
@@ -279,6 +295,7 @@ def resolve_data(data: str | Path) -> dict[str, Any]:
     for split in ("train", "val", "test"):
         _check_split(raw, split, root, yaml_path)
 
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data.utils import check_det_dataset
 
     try:
@@ -294,6 +311,7 @@ def _find_data_yaml(text: str) -> Path:
     if path.is_file():
         return path.resolve()
     if len(Path(text).parts) == 1 and Path(text).suffix.lower() in YAML_SUFFIXES:
+        # deferred: Ultralytics reads its environment at import, after prepare_environment()
         from ultralytics.utils.checks import check_yaml
 
         packaged = check_yaml(text, hard=False)  # a search of the installed package only: no scheme, no download
@@ -323,6 +341,7 @@ def _read_yaml(path: Path) -> dict:
 
 def _dataset_root(raw: dict, yaml_path: Path) -> Path:
     """The folder split paths are relative to, by the rule check_det_dataset applies."""
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.utils import DATASETS_DIR
 
     root = Path(str(raw.get("path") or yaml_path.parent))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from src.errors import DataError
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -16,6 +19,7 @@ def hyperparameters(cfg, imgsz: int | None = None, **overrides: Any):
 
     The namespace is what Ultralytics' dataset builders and v8DetectionLoss read (``model.args``).
     """
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.cfg import get_cfg
 
     tp = cfg.train_params
@@ -57,6 +61,7 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
         seed: Seeds the loader's generator so epochs are reproducible.
         rank: DDP rank (a DistributedSampler gives each rank its shard), -1 when not distributed.
     """
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data import build_dataloader, build_yolo_dataset
 
     dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
@@ -86,8 +91,7 @@ def preprocess_batch(batch: dict, device: torch.device) -> dict:
 
 def _count_images(paths) -> int:
     """Image files a split names (directories searched recursively, .txt lists counted by line), as Ultralytics does."""
-    from pathlib import Path
-
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data.utils import IMG_FORMATS
 
     n = 0
@@ -113,9 +117,8 @@ def check_split(hyp, data: dict, split: str) -> tuple[int, int]:
     Raises:
         DataError: the split has no usable image.
     """
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data import build_yolo_dataset
-
-    from src.errors import DataError
 
     total = _count_images(data[split])
     try:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.data.resolve import load_fp32_model, load_fp32_source, resolve_model_path
 from src.errors import QATError
 
 LOGGER = logging.getLogger("yolov8_qat")
@@ -112,8 +113,6 @@ def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
     Raises:
         DistillationError: No teacher available, or its classes differ from the dataset's.
     """
-    from src.data.resolve import load_fp32_model, resolve_model_path
-
     source = cfg.distillation.teacher_model
     if source:
         resolved = resolve_model_path(source, cfg.model.variant)
@@ -283,11 +282,9 @@ def attach_distiller(trainer, cfg, fp32_model: nn.Module | None, data: dict) -> 
             source model.
         data: Checked data dict.
     """
-    from src.data.resolve import load_fp32_model, resolve_model_path
-
     extra = trainer.checkpoint_extra
-    if fp32_model is None and not cfg.distillation.teacher_model and extra.get("fp32_source"):
-        fp32_model = load_fp32_model(resolve_model_path(extra["fp32_source"], cfg.model.variant))
+    if fp32_model is None and not cfg.distillation.teacher_model:
+        fp32_model = load_fp32_source(extra.get("fp32_source"), cfg.model.variant)
     teacher = build_teacher(cfg, fp32_model, data)
     distiller = Distiller(teacher, trainer.model, cfg.distillation, trainer.device, imgsz=cfg.train_params.img_size)
     if extra.get("distill_adapters"):

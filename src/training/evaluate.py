@@ -32,6 +32,7 @@ def evaluate(
     Returns:
         ``{"map50", "map50_95", "per_class": {name: ap50_95}}``.
     """
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.models.yolo.detect import DetectionValidator
 
     dev = torch.device(device) if not isinstance(device, torch.device) else device

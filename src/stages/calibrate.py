@@ -1,0 +1,47 @@
+"""Calibrate: the PTQ model of a configuration (prepared copy of the float model, ranges from training images)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from src.quantization.calibration import calibrate
+from src.stages.context import RunContext
+from src.stages.prepare import prepare_model
+from src.training.data import build_loader, hyperparameters, preprocess_batch
+
+
+def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
+                    images: Callable[[], Iterable[torch.Tensor]], num_images: int, device: torch.device, *,
+                    progress: bool = True, announce: bool = False) -> nn.Module:
+    """Prepare a copy of ``fp32_model`` with ``bit_overrides`` and calibrate it on ``num_images`` of ``images``.
+
+    The one way every PTQ model is made: the run's own, the analysis baseline and each mixed-precision candidate.
+
+    Args:
+        images: Opens the preprocessed image batches ([0, 1] floats, on ``device``); called once the model is
+            prepared, so a data loader's messages follow the placement summary.
+        progress: Calibration progress bar.
+        announce: Log the placement summary (the run's own model).
+    """
+    model = prepare_model(fp32_model, cfg, bit_overrides, announce=announce).to(device)
+    calibrate(model, images(), num_images, progress=progress)
+    return model
+
+
+def calibration_images(cfg, data: dict, device: torch.device, stride: int) -> Iterable[torch.Tensor]:
+    """Training images without augmentation, shuffled with ``train_params.seed``."""
+    loader = build_loader(hyperparameters(cfg, mode="val"), data, "train", cfg.qat_params.calibration_batch_size,
+                          mode="val", stride=stride, shuffle=True, seed=cfg.train_params.seed)
+    return (preprocess_batch(b, device)["img"] for b in loader)
+
+
+def ptq_baseline(ctx: RunContext, fp32_model: nn.Module, bit_overrides: dict | None, *,
+                 announce: bool = False) -> nn.Module:
+    """The PTQ model of this run's configuration, calibrated on ``qat_params.calibration_images`` training images."""
+    stride = max(int(fp32_model.stride.max()), 32)
+    return build_ptq_model(fp32_model, ctx.cfg, bit_overrides,
+                           lambda: calibration_images(ctx.cfg, ctx.data, ctx.device, stride),
+                           ctx.cfg.qat_params.calibration_images, ctx.device, announce=announce)
