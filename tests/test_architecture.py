@@ -157,3 +157,34 @@ def test_cli_help_is_generated_from_presets_and_defaults():
     assert f"quantization preset: {', '.join(PRESET_NAMES)};" in text
     tp = TrainParams()
     assert f"(default: {tp.epochs})" in text and f"batch size (default: {tp.batch_size})" in text
+
+
+def _documented_paths(text: str) -> set[str]:
+    """Every `src/...` path named in a markdown text, with `a.py`, `b.py` cells split and `*` globs kept."""
+    return {m for m in re.findall(r"`(src/[\w/.*]+)`", text)}
+
+
+def test_architecture_doc_names_every_module_and_only_real_ones():
+    root = SRC.parent
+    doc = (root / "docs" / "architecture.md").read_text()
+    modules = doc[doc.index("## One line per module"): doc.index("## Common changes")]
+    named = _documented_paths(modules)
+    # a table cell like `src/stages/sensitivity.py`, `sensitivity_cache.py` names a sibling without its folder
+    for cell in re.findall(r"\| `(src/[\w/]+/)[\w.]+`((?:, `[\w.]+`)+)", modules):
+        named |= {cell[0] + n for n in re.findall(r"`([\w.]+)`", cell[1])}
+    missing = sorted(str(p.relative_to(root)) for p in SRC.rglob("*.py") if p.name != "__init__.py"
+                     and not any(p.match(str(root / n)) for n in named))
+    assert missing == []
+    stale = sorted(n for n in named | _documented_paths(doc) if not list(root.glob(n)))
+    assert stale == []
+
+
+def test_readme_layout_table_names_real_paths():
+    root = SRC.parent
+    text = (root / "README.md").read_text()
+    table = text[text.index("## Project layout"): text.index("## Basic usage")]
+    named = _documented_paths(table)
+    assert len(named) > 10
+    assert sorted(n for n in named if not list(root.glob(n.rstrip("/")))) == []
+    packages = {f"src/{p.name}/" for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert sorted(packages - named) == []
