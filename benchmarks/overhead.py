@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     from ultralytics.nn.tasks import DetectionModel
 
     from src.config import load_config
+    from src.integrations.ultralytics import set_model_args
     from src.models.yolov8_qat import prepare_qat_model, set_observers
     from src.quantization.calibration import calibrate
     from src.training.data import hyperparameters
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     runs = {}
     names = ("fp32", "qat", "qat_frozen")
     for name, m in zip(names, (fp32, qat, frozen)):
-        m.args = hyp
+        set_model_args(m, hyp)
         m.train()
         runs[name] = (m, build_optimizer(m, cfg, 1e-4))
 

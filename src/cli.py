@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     prepare_environment()
     try:
-        # deferred: the pipeline imports Ultralytics, which must start after prepare_environment()
+        # deferred: the stages import torch and the whole toolkit, which --help and argument errors do not need
         from src.pipeline import run
         from src.stages.device import launch_ddp
 

@@ -359,11 +359,9 @@ class QuantizationConfig(_Section):
         except ConfigError as err:
             raise ConfigError(f"{path}.default_qconfig: {err}") from None
         _check_weight_rules(self.weight, f"{path}.weight")
-        if self.activation.per_channel:
-            raise ConfigError(
-                f"{path}.activation.scheme: 'per_channel' is not supported for activations (every export format "
-                "quantizes activations per tensor); use per_tensor"
-            )
+        problem = vocab.activation_scheme_problem(self.activation.scheme)
+        if problem:
+            raise ConfigError(f"{path}.activation.scheme: {problem}")
 
 
 def _check_weight_rules(weight: QuantizerConfig, path: str) -> None:
@@ -674,7 +672,7 @@ class QATConfig(_Section):
                         _check_weight_rules(merged, where)
                     if section != "fake_quantize":
                         self._check_exportable(where, merged)
-        static = export_formats.refusing_dynamic_shapes(self.export.formats)
+        static = export_formats.refusing_dynamic_shapes_in_config(self.export.formats)
         if static is not None and self.export.dynamic:
             raise ConfigError(
                 f"export.dynamic: true cannot be combined with {static.name} in export.formats "

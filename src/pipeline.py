@@ -5,14 +5,16 @@ from __future__ import annotations
 import copy
 import logging
 
+from src.data.resolve import load_fp32_source
+
 from src.stages.analyze import analyze_stage
-from src.stages.calibrate import ptq_baseline
+from src.stages.calibrate import calibrate_stage
 from src.stages.context import RunContext, RunRequest
 from src.stages.device import leave_distributed
 from src.stages.evaluate import evaluate_stage
 from src.stages.export import export_stage
 from src.stages.mixed_precision import mixed_precision_stage
-from src.stages.prepare import record_run
+from src.stages.prepare import prepare_model, record_run
 from src.stages.resolve import StartingPoint, resolve_resume, resolve_run
 from src.stages.train import save_model, train_stage
 
@@ -34,8 +36,10 @@ def run(args, overrides: dict) -> dict:
     else:
         if cfg.qat_params.use_mixed_precision:
             mp = mixed_precision_stage(ctx, start.fp32_model)
-        model = ptq_baseline(ctx, start.fp32_model, mp.bit_overrides if mp else None, announce=True)
+        model = prepare_model(start.fp32_model, cfg, mp.bit_overrides if mp else None, announce=True)
     record_run(ctx, model, mp)
+    if start.qat_model is None:
+        calibrate_stage(ctx, model)
     # the PTQ baseline of the report, before training changes the model
     ptq_state = copy.deepcopy(model.state_dict()) \
         if start.qat_model is None and ctx.analyze and cfg.train_params.epochs > 0 else None
@@ -84,6 +88,7 @@ def resume(request: RunRequest, overrides: dict) -> dict:
         return {}
     out = save_model(ctx, final, start.extra, "qat")
     summary = {"model": str(out), "run_dir": str(ctx.run_dir)}
-    if ctx.eval:
-        summary["metrics"] = evaluate_stage(ctx, final, start.fp32_model, "qat")
+    if ctx.eval:  # the FP32 row: loaded only now, so a moved source cannot cost the training
+        fp32_model = load_fp32_source(ctx.fp32_source, ctx.cfg.model.variant)
+        summary["metrics"] = evaluate_stage(ctx, final, fp32_model, "qat")
     return summary

@@ -38,7 +38,12 @@ def _imports(module: str, path: Path):
     tree = ast.parse(path.read_text())
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     nested = {id(n) for f in functions for n in ast.walk(f) if n is not f}
+    # `if TYPE_CHECKING:` imports serve annotations only: nothing is imported at run time
+    typing_only = {id(n) for i in ast.walk(tree) if isinstance(i, ast.If) and "TYPE_CHECKING" in ast.unparse(i.test)
+                   for b in i.body for n in ast.walk(b)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             yield node, id(node) in nested, [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -49,14 +54,16 @@ def _imports(module: str, path: Path):
             yield node, id(node) in nested, [base] + [f"{base}.{a.name}" for a in node.names]
 
 
+def _graph_of(module: str) -> set[str]:
+    return {r for _, _, targets in _imports(module, MODULES[module]) for t in targets
+            if t.startswith("src") and (r := _resolve(t)) and r != module}
+
+
 def _graph() -> dict[str, set[str]]:
-    graph = {m: set() for m in MODULES}
-    for m, p in MODULES.items():
-        for _, _, targets in _imports(m, p):
-            for target in targets:
-                r = _resolve(target) if target.startswith("src") else None
-                if r and r != m:
-                    graph[m].add(r)
+    from src.export.registry import FORMATS
+
+    graph = {m: _graph_of(m) for m in MODULES}
+    graph["src.export.hooks"] |= {f.module for f in FORMATS.values()}  # imported by name, on first use
     return graph
 
 
@@ -117,6 +124,38 @@ def _block_start(lines: list[str], index: int) -> int:
 
 # The command line parses --help and sets up the offline environment before anything imports Ultralytics.
 MAY_DEFER_SRC = ("src.cli",)
+
+
+# Bottom to top (docs/architecture.md draws the same). A module imports its own layer or lower ones only; the longest
+# prefix names a module's layer.
+LAYERS = (
+    ("src.errors", "src.env"),
+    ("src.integrations",),
+    ("src.quantization",),
+    ("src.export.registry",),
+    ("src.config", "src.qconfig"),
+    ("src.data", "src.deploy"),
+    ("src.models",),
+    ("src.training",),
+    ("src.export",),
+    ("src.analysis",),
+    ("src.stages",),
+    ("src.pipeline", "src.cli"),
+)
+
+
+def _layer(module: str) -> int:
+    if MODULES[module].name == "__init__.py" and not _graph_of(module):  # a package that imports nothing
+        return 0
+    best = max(((len(p), rank) for rank, prefixes in enumerate(LAYERS) for p in prefixes
+                if module == p or module.startswith(p + ".")), default=None)
+    assert best is not None, f"{module} belongs to no layer: add it to LAYERS and docs/architecture.md"
+    return best[1]
+
+
+def test_layers_import_only_downward():
+    upward = sorted(f"{m} -> {t}" for m, targets in _graph().items() for t in targets if _layer(t) > _layer(m))
+    assert upward == []
 
 
 def test_function_level_imports_only_defer_heavy_dependencies():

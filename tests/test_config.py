@@ -343,3 +343,11 @@ def test_layer_config_accepts_both_layouts():
     assert nested == flat
     assert flat.to_dict() == {"pattern": "p", "weight": {"bit_width": 4}, "fake_quantize": {"type": "lsq"}}
     assert [f.name for f in dataclasses.fields(LayerConfig)] == ["pattern", "weight", "activation", "fake_quantize"]
+
+
+def test_dynamic_shapes_refused_at_load_for_tensorrt_only():
+    # TensorRT's rule is a config error; TFLite refuses dynamic shapes when it exports (a checkpoint trained with such
+    # a config still loads, evaluates and exports to other formats).
+    with pytest.raises(ConfigError, match="export.dynamic: true cannot be combined with tensorrt"):
+        build_config({"export": {"formats": ["tensorrt"], "dynamic": True}})
+    assert build_config({"export": {"formats": ["tflite"], "dynamic": True}}).export.dynamic is True

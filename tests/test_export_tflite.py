@@ -330,11 +330,12 @@ def test_pipeline_refuses_dynamic_tflite(cfg, tmp_path):
 
     from src.errors import QATError
     from src.export.common import ExportContext
-    from src.export.registry import FORMATS as EXPORTERS
+    from src.export.hooks import check
+    from src.export.registry import FORMATS
 
     c = copy.deepcopy(cfg)
     c.export.dynamic = True
     ctx = ExportContext(conv_silu_conv(cfg), c, tmp_path, "m", 16, None, ["tflite"])
     with pytest.raises(QATError, match="export.dynamic: true is not supported for TFLite"):
-        EXPORTERS["tflite"].check(ctx)
+        check(FORMATS["tflite"], ctx)
 

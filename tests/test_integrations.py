@@ -16,6 +16,7 @@ from src.integrations.ultralytics import (
     carry_layer_attrs,
     conv_block_bn,
     has_one2one_head,
+    normalize_coords_wrapper,
     rebuild_bottleneck,
     rebuild_conv_block,
     set_model_args,
@@ -104,6 +105,20 @@ def test_ultralytics_fuse_deletes_the_conv_blocks_bn():
     assert convs and all(isinstance(conv_block_bn(m), nn.BatchNorm2d) for m in convs)
     model.fuse(verbose=False)
     assert all(conv_block_bn(m) is None for m in convs)
+
+
+def test_normalize_coords_wrapper_divides_boxes_by_the_image_size():
+    # what LiteRTBackend undoes: boxes (x, y, w, h in pixels) relative to width and height, scores untouched
+    model = _yolov8n(nc=3).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        det = model(x)[0]
+        wrapped = normalize_coords_wrapper(model, 64, 96, nc=3)
+        out = wrapped(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    scale = torch.tensor([96.0, 64.0, 96.0, 64.0]).view(1, 4, 1)
+    assert out.shape == det.shape and not wrapped.training
+    assert torch.equal(out[:, :4], det[:, :4] / scale) and torch.equal(out[:, 4:], det[:, 4:])
 
 
 def test_one2one_head_marks_end_to_end_detect():

@@ -11,7 +11,6 @@ from src.quantization.observers import (
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver,
     PerChannelMinMaxObserver,
     build_observer,
 )
@@ -82,20 +81,12 @@ def test_minmax_and_moving_average_equal_torch_ao(dtype, qscheme, qmin, qmax, sy
 
 
 @pytest.mark.parametrize("ch_axis", [0, 1, 3])
-@pytest.mark.parametrize("moving", [False, True])
-def test_per_channel_equals_torch_ao(ch_axis, moving):
+def test_per_channel_equals_torch_ao(ch_axis):
     xs = batches(seed=ch_axis)
     c = xs[0].shape[ch_axis]
-    if moving:
-        ours = MovingAveragePerChannelMinMaxObserver(-127, 127, True, ch_axis=ch_axis, num_channels=c,
-                                                    averaging_constant=0.2)
-        ref = tq.MovingAveragePerChannelMinMaxObserver(
-            averaging_constant=0.2, ch_axis=ch_axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-            quant_min=-127, quant_max=127)
-    else:
-        ours = PerChannelMinMaxObserver(-127, 127, True, ch_axis=ch_axis, num_channels=c)
-        ref = tq.PerChannelMinMaxObserver(ch_axis=ch_axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                          quant_min=-127, quant_max=127)
+    ours = PerChannelMinMaxObserver(-127, 127, True, ch_axis=ch_axis, num_channels=c)
+    ref = tq.PerChannelMinMaxObserver(ch_axis=ch_axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                      quant_min=-127, quant_max=127)
     for x in xs:
         ours.collect(x)
         ref(x)
@@ -224,7 +215,7 @@ def test_collect_never_builds_graph():
 
 @pytest.mark.parametrize("make", [
     lambda: MovingAverageMinMaxObserver(0, 255, False, num_sites=2, averaging_constant=0.3),
-    lambda: MovingAveragePerChannelMinMaxObserver(-127, 127, True, ch_axis=1, num_channels=6),
+    lambda: PerChannelMinMaxObserver(-127, 127, True, ch_axis=1, num_channels=6),
     lambda: HistogramObserver(0, 255, False, bins=128, method="entropy"),
     lambda: HistogramObserver(-127, 127, True, bins=128, method="mse"),
 ])
@@ -358,6 +349,17 @@ def test_build_observer_mapping(observer, scheme, cls):
         assert obs.ch_axis == 1 and obs.min_val.shape == (2, 6)
     if "moving" in observer:
         assert obs.averaging_constant == 0.3
+
+
+def test_build_observer_serves_exactly_the_vocabulary():
+    from src.quantization import vocabulary as vocab
+
+    built = set()
+    for observer in vocab.OBSERVERS:
+        for scheme in vocab.SCHEMES:
+            if vocab.observer_scheme_problem(observer, scheme) is None:
+                built.add(build_observer(QCfg(observer=observer, scheme=scheme), -127, 127, True, num_channels=3).kind)
+    assert built == set(vocab.OBSERVERS)
 
 
 @pytest.mark.parametrize("cfg,match", [

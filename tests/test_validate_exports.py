@@ -197,10 +197,10 @@ def test_bad_input_is_one_line_without_traceback(exports, tmp_path, capsys, name
 # --------------------------------------------------------------------------------------------------------------------
 def test_export_all_writes_onnx_and_tflite(tflite_exports):
     from src.export.discovery import Target
-    from src.export.registry import FORMATS as EXPORTERS
+    from src.export.registry import FORMATS
     from src.export.validate import export_metadata
 
-    assert set(EXPORTERS) == {"onnx", "openvino", "tensorrt", "tflite"}
+    assert set(FORMATS) == {"onnx", "openvino", "tensorrt", "tflite"}
     exported = tflite_exports["root"] / "models" / "exported"
     assert tflite_exports["exports"] == {
         "onnx": [exported / "onnx" / "quantized_model.onnx"],

@@ -25,8 +25,11 @@ from src.errors import QATError
 from src.export import metadata as export_metadata
 from src.export.common import Coverage, ExportContext
 from src.export.onnx_qdq import qdq_onnx
+from src.export.registry import FORMATS
 
 LOGGER = logging.getLogger("yolov8_qat")
+# the directory name Ultralytics' backends recognise as one OpenVINO model
+MODEL_DIR_SUFFIX = FORMATS["openvino"].model_dir_suffix
 
 INT8_PRECISIONS = ("u8", "i8")
 # IR ops a FakeQuantize output passes through without leaving its grid (OpenVINO's LPT propagates through them).
@@ -238,11 +241,11 @@ def ultralytics_view(xml_path: str | Path) -> Iterator[Path]:
     (copies where links are not allowed) is made and removed afterwards.
     """
     xml_path = Path(xml_path).resolve()
-    if xml_path.parent.name.endswith("_openvino_model"):
+    if xml_path.parent.name.endswith(MODEL_DIR_SUFFIX):
         yield xml_path.parent
         return
     tmp = Path(tempfile.mkdtemp(prefix="ov_view_"))
-    view = tmp / f"{xml_path.stem}_openvino_model"
+    view = tmp / f"{xml_path.stem}{MODEL_DIR_SUFFIX}"
     view.mkdir()
     try:
         for src in (xml_path, xml_path.with_suffix(".bin"), xml_path.parent / "metadata.yaml"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from src.errors import QATError
 from src.export import registry
 from src.export.common import ExportContext
+from src.export.hooks import check, hooks
 from src.export.metadata import build_metadata
 from src.export.validate import table, torch_map, validate as run_validation
 
@@ -58,11 +59,11 @@ def export_all(
     selected = registry.selected(formats)
     ctx = ExportContext(model, cfg, Path(export_dir), stem, imgsz, metadata, [f.name for f in selected])
     for f in selected:  # refuse impossible requests before spending time on the others
-        f.check(ctx)
+        check(f, ctx)
     out: dict[str, list[Path]] = {}
     try:
         for f in selected:
-            out[f.name] = f.hooks.export(ctx, ctx.export_dir / f.folder)
+            out[f.name] = hooks(f).export(ctx, ctx.export_dir / f.folder)
             LOGGER.info(f"Exported {f.name}: {out[f.name][0]}")
     finally:
         ctx.cleanup()

@@ -1,18 +1,19 @@
 """The export formats: one :class:`ExportFormat` each, in :data:`FORMATS`, read by config, export and validation.
 
 An entry says where the format's files go, how a path is recognised as this format, which model settings it can
-deploy, and which module implements its hooks (:class:`FormatHooks`). That module is imported on first use only, so
-this one stays light enough for ``src.config`` to import. Adding a format is one module plus one entry here.
+deploy, and which module implements its hooks (:class:`FormatHooks`). This module is plain data, light enough for
+``src.config`` to import; ``src/export/hooks.py`` imports a format's module on first use. Adding a format is one
+module plus one entry here.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
-from src.errors import QATError
+from src.quantization.vocabulary import STORAGE_BITS
+
 
 if TYPE_CHECKING:  # annotations only: these modules import torch/numpy
     import numpy as np
@@ -58,6 +59,8 @@ class ExportFormat:
             (``{stem}`` is the file's stem).
         symmetric_activations: Why the format needs signed symmetric activations (None: any).
         static_shapes: Why the format refuses ``export.dynamic`` (None: dynamic shapes are fine).
+        dynamic_is_config_error: Whether ``export.dynamic`` with this format is refused when the config is built
+            (otherwise when it is exported).
         max_bits: Widest quantizer the format stores.
     """
 
@@ -71,23 +74,13 @@ class ExportFormat:
     unvalidated: tuple[tuple[str, str], ...] = ()
     symmetric_activations: str | None = None
     static_shapes: str | None = None
-    max_bits: int = 8
+    dynamic_is_config_error: bool = False
+    max_bits: int = STORAGE_BITS
 
     @property
     def folder(self) -> str:
         """Sub-folder of the export directory holding this format's files."""
         return self.name
-
-    @property
-    def hooks(self) -> FormatHooks:
-        return importlib.import_module(self.module)
-
-    def check(self, ctx: ExportContext) -> None:
-        """Refuse the settings and then the model this format cannot export."""
-        if ctx.opts.dynamic and self.static_shapes:
-            raise QATError(f"export.dynamic: true is not supported for {self.title} ({self.static_shapes}); set "
-                           f"export.dynamic: false or remove {self.name} from export.formats")
-        self.hooks.check(ctx)
 
 
 _ENTRIES = (
@@ -98,7 +91,8 @@ _ENTRIES = (
                  unvalidated=((".engine", "TensorRT engines are validated on a TensorRT machine; here validate the "
                                "TensorRT-ready ONNX ({stem}.onnx) instead"),),
                  symmetric_activations="TensorRT needs zero-point-0 activations",
-                 static_shapes="the engine needs an optimization profile for dynamic shapes"),
+                 static_shapes="the engine needs an optimization profile for dynamic shapes",
+                 dynamic_is_config_error=True),
     ExportFormat("tflite", "TFLite", "src.export.tflite_export", ".tflite", ".tflite",
                  static_shapes="litert-torch traces one fixed input shape"),
 )
@@ -124,9 +118,9 @@ def needing_symmetric_activations(formats: list[str]) -> ExportFormat | None:
     return next((f for f in selected(formats) if f.symmetric_activations), None)
 
 
-def refusing_dynamic_shapes(formats: list[str]) -> ExportFormat | None:
-    """The first of ``formats`` that cannot be exported with dynamic shapes."""
-    return next((f for f in selected(formats) if f.static_shapes), None)
+def refusing_dynamic_shapes_in_config(formats: list[str]) -> ExportFormat | None:
+    """The first of ``formats`` whose static shapes the config already enforces."""
+    return next((f for f in selected(formats) if f.static_shapes and f.dynamic_is_config_error), None)
 
 
 def max_bits(formats: list[str]) -> int | None:

@@ -28,13 +28,14 @@ import torch
 
 from src.errors import QATError
 from src.export.common import Coverage, ExportContext
+from src.export.registry import FORMATS
 from src.export.onnx_qdq import AGNOSTIC_OPS, ExportError, dequantized_source, export_onnx, proto_coverage
 # a TensorRT-ready ONNX is read and run here as an ONNX file: these format hooks are the onnx format's
 from src.export.onnx_qdq import read_metadata, runners, yolo_path  # noqa: F401
 
 LOGGER = logging.getLogger("yolov8_qat")
 
-SYMMETRIC_HINT = ("TensorRT needs signed symmetric (zero point 0) activations: retrain/recalibrate with "
+SYMMETRIC_HINT = (f"{FORMATS['tensorrt'].symmetric_activations} (signed symmetric): retrain/recalibrate with "
                   "--qconfig tensorrt, or put tensorrt in export.formats before calibration (it switches activations "
                   "to symmetric qint8)")
 

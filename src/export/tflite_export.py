@@ -55,6 +55,7 @@ from src.integrations import litert
 from src.integrations.ultralytics import normalize_coords_wrapper
 from src.models.yolov8_qat import QuantConv, Site
 from src.quantization.fake_quantize import FakeQuantize
+from src.quantization.vocabulary import STORAGE_BITS
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -202,8 +203,9 @@ def _bake_weights(model: nn.Module) -> list[WeightQuant]:
         if not isinstance(m, QuantConv) or m.weight_quant is None or not bool(m.weight_quant.fake_quant_enabled):
             continue
         q = m.weight_quant
-        if q.bit_width > 8:
-            raise TFLiteExportError(f"{name}: {q.bit_width}-bit weights do not fit int8 TFLite; use at most 8 bits "
+        if q.bit_width > STORAGE_BITS:
+            raise TFLiteExportError(f"{name}: {q.bit_width}-bit weights do not fit int8 TFLite; use at most "
+                                    f"{STORAGE_BITS} bits "
                                     "(quantization.weight.bit_width) or export onnx/openvino instead")
         if q.per_channel and q.ch_axis % m.conv.weight.dim() != 0:
             raise TFLiteExportError(f"{name}: TFLite quantizes conv weights per output channel; this weight is "

@@ -9,11 +9,12 @@ from typing import Callable
 import numpy as np
 
 from src.export.discovery import Target
+from src.export.hooks import hooks
 
 
 def runners_for(t: Target, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Runtime variants timed for one export (its format's; OpenVINO adds one with f32 inference precision)."""
-    return t.spec.hooks.runners(t.path, threads)
+    return hooks(t.spec).runners(t.path, threads)
 
 
 def size_mb(t: Target) -> float:

@@ -41,9 +41,11 @@ from src.env import prepare_environment
 from src.errors import QATError
 from src.export.common import prepare_for_export
 from src.export.discovery import Target, ValidationInputError, discover
+from src.export.hooks import hooks
 from src.export.metadata import QUANT_KEY, REFERENCE_KEY
 from src.export.timing import measure_latency, median_iqr, runners_for, size_mb
-from src.models.yolov8_qat import build_from_checkpoint
+from src.models.yolov8_qat import QAT_CHECKPOINT_KEY, build_from_checkpoint
+from src.training.checkpoint import load_checkpoint_file
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -86,7 +88,7 @@ def map_within_tolerance(map50_95: float, reference: float, tolerance_points: fl
 
 def export_metadata(t: Target) -> dict:
     """The export's metadata (ONNX ``metadata_props``, ``metadata.yaml``, or a .tflite's ``metadata.json``)."""
-    return t.spec.hooks.read_metadata(t.path)
+    return hooks(t.spec).read_metadata(t.path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def export_map(t: Target, data: str, imgsz: int, device: str, work: Path) -> tup
     """mAP50, mAP50-95 of an export through ``YOLO(path).val`` (Ultralytics' backend and validator)."""
     from ultralytics import YOLO  # deferred: heavy dependency
 
-    with t.spec.hooks.yolo_path(t.path) as p:
+    with hooks(t.spec).yolo_path(t.path) as p:
         metrics = YOLO(str(p), task="detect").val(**_val_args(data, imgsz, 1, device, work / f"val_{t.format}"))
     return float(metrics.box.map50), float(metrics.box.map)
 
@@ -161,7 +163,7 @@ def int8_coverage(t: Target, expected: int | None) -> tuple[int, list[str], list
     ``expected`` is the number of quantized convs of the placement: a conv whose Q/DQ were both lost looks like a
     float-by-design conv in the file, so it is caught by the count.
     """
-    cov = t.spec.hooks.coverage(t.path)
+    cov = hooks(t.spec).coverage(t.path)
     floats = list(cov.floats)
     if expected is not None and cov.seen < expected:
         floats.append(f"{expected - cov.seen} quantized conv(s) lost their quantization (float convs in the file: "
@@ -189,10 +191,10 @@ def load_reference(path: str | None, data: str, imgsz: int, device: str, work: P
         raise ValidationInputError(f"--reference {path}: no such file; pass the QAT checkpoint the exports came from "
                                    "(e.g. models/checkpoints/qat/quantized_model.pt)")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint_file(p)
     except Exception as e:
         raise ValidationInputError(f"--reference {path}: cannot be read as a checkpoint ({type(e).__name__}: {e})")
-    if not isinstance(ckpt, dict) or "yolov8_qat" not in ckpt:
+    if not isinstance(ckpt, dict) or QAT_CHECKPOINT_KEY not in ckpt:
         raise ValidationInputError(f"--reference {path}: not a QAT checkpoint written by train_qat.py")
     model, _ = build_from_checkpoint(ckpt)
     model.eval()

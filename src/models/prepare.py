@@ -15,6 +15,7 @@ from src.models.quant_modules import QuantBottleneck, QuantConv, Site, Unsupport
 from src.models.tracing import SiteTrace, trace_sites
 from src.qconfig import block_types, layer_config_report, matchable_name, resolve_layer_qconfig
 from src.quantization.fake_quantize import FakeQuantize
+from src.quantization.vocabulary import activation_scheme_problem
 
 
 def prepare_qat_model(
@@ -241,11 +242,9 @@ def _make_group(model, key, site_names, config_layer, swapped: SwappedModules, c
     acfg = copy.deepcopy(rl.activation)
     if "activation_bits" in bit_overrides.get(key, {}):
         acfg.bit_width = int(bit_overrides[key]["activation_bits"])
-    if acfg.scheme == "per_channel":
-        raise QATError(
-            f"{config_layer}: per-channel activation quantization is not deployable with shared concat scales; "
-            "set quantization.activation.scheme: per_tensor"
-        )
+    problem = activation_scheme_problem(acfg.scheme)
+    if problem:
+        raise QATError(f"{config_layer}: activation scheme {problem}")
     fq = FakeQuantize(acfg, _fq_config_for(rl.fake_quantize, acfg, is_weight=False), is_weight=False,
                       num_sites=len(site_names), name=f"act:{key}")
     model.qat_quantizers[key] = fq

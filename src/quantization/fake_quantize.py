@@ -61,10 +61,9 @@ class FakeQuantize(nn.Module):
             raise QuantizationError(
                 f"{where}: dtype={qcfg.dtype!r} is unknown; use qint8 (signed) or quint8 (unsigned)")
         signed = qcfg.dtype == vocab.SIGNED_DTYPE
-        if is_weight and not signed:
-            raise QuantizationError(f"{where}: weights are quantized signed; set weight dtype: qint8 (got quint8)")
-        if is_weight and not qcfg.symmetric:
-            raise QuantizationError(f"{where}: weight quantization must be symmetric; set weight symmetric: true")
+        problem = vocab.weight_rule_problem(qcfg.dtype, qcfg.symmetric) if is_weight else None
+        if problem:
+            raise QuantizationError(f"{where}: {problem}")
         if qcfg.scheme not in vocab.SCHEMES:
             raise QuantizationError(f"{where}: scheme={qcfg.scheme!r} is unknown; use per_tensor or per_channel")
         fq_type = vocab.canonical_fake_quant_type(getattr(fq_cfg, "type", vocab.STE))
@@ -240,8 +239,9 @@ class FakeQuantize(nn.Module):
         """
         if not self.fake_quant_enabled.item():
             return x
-        if self._bit_width > 8:
-            raise QuantizationError(f"{self.name or 'quantizer'}: ONNX QDQ export supports at most 8 bits, this "
+        if self._bit_width > vocab.STORAGE_BITS:
+            raise QuantizationError(f"{self.name or 'quantizer'}: ONNX QDQ export supports at most "
+                                    f"{vocab.STORAGE_BITS} bits, this "
                                     f"quantizer has bit_width={self._bit_width}; export it as float or use 8 bits")
         scale, zero_point = self.calculate_qparams()
         cmin, cmax = EXPORT_RANGES[self._signed]

@@ -228,16 +228,6 @@ class PerChannelMinMaxObserver(MinMaxObserver):
                          **kwargs)
 
 
-class MovingAveragePerChannelMinMaxObserver(MovingAverageMinMaxObserver):
-    """Per-channel exponential moving average of min and max along ``ch_axis``."""
-
-    kind = "moving_average_per_channel_minmax"
-
-    def __init__(self, qmin: int, qmax: int, symmetric: bool, ch_axis: int = 0, **kwargs):
-        super().__init__(qmin, qmax, symmetric, ch_axis=_require_channels(kwargs.get("name", ""), ch_axis, self.kind),
-                         **kwargs)
-
-
 class HistogramObserver(ObserverBase):
     """Per-tensor histogram whose clipping range is chosen by percentile, MSE or entropy (KL divergence).
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 DTYPES = ("qint8", "quint8")
 SIGNED_DTYPE = "qint8"
 SCHEMES = ("per_tensor", "per_channel")
+PER_TENSOR, PER_CHANNEL = SCHEMES
+# Every export container (ONNX QDQ, OpenVINO, TensorRT, TFLite) stores 8-bit integers: the widest deployable width.
+STORAGE_BITS = 8
 OBSERVERS = ("minmax", "moving_average_minmax", "per_channel_minmax", "histogram")
 PER_TENSOR_ONLY_OBSERVERS = ("moving_average_minmax", "histogram")
 HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
@@ -35,6 +38,14 @@ def observer_scheme_problem(observer: str, scheme: str) -> str | None:
         return (f"{observer!r} is per-tensor only but scheme is 'per_channel'; use observer 'minmax' (or "
                 "'per_channel_minmax') with per_channel, or set scheme: per_tensor")
     return None
+
+
+def activation_scheme_problem(scheme: str) -> str | None:
+    """Activations are quantized per tensor: every export format does, and concat inputs share one scale."""
+    if scheme == PER_TENSOR:
+        return None
+    return (f"{scheme!r} is not supported for activations (every export format quantizes activations per tensor, "
+            "and tensors meeting at a concat share one scale); use per_tensor")
 
 
 def weight_rule_problem(dtype: str, symmetric: bool) -> str | None:

@@ -15,18 +15,19 @@ from src.training.data import build_loader, hyperparameters, preprocess_batch
 
 def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
                     images: Callable[[], Iterable[torch.Tensor]], num_images: int, device: torch.device, *,
-                    progress: bool = True, announce: bool = False) -> nn.Module:
+                    progress: bool = True) -> nn.Module:
     """Prepare a copy of ``fp32_model`` with ``bit_overrides`` and calibrate it on ``num_images`` of ``images``.
 
-    The one way every PTQ model is made: the run's own, the analysis baseline and each mixed-precision candidate.
+    The one way every PTQ model is made besides the run's own (which records its placement before calibrating: see
+    :func:`calibrate_stage`): the analysis baseline and each mixed-precision candidate. Both use
+    :func:`~src.stages.prepare.prepare_model` and :func:`~src.quantization.calibration.calibrate`.
 
     Args:
         images: Opens the preprocessed image batches ([0, 1] floats, on ``device``); called once the model is
             prepared, so a data loader's messages follow the placement summary.
         progress: Calibration progress bar.
-        announce: Log the placement summary (the run's own model).
     """
-    model = prepare_model(fp32_model, cfg, bit_overrides, announce=announce).to(device)
+    model = prepare_model(fp32_model, cfg, bit_overrides).to(device)
     calibrate(model, images(), num_images, progress=progress)
     return model
 
@@ -38,10 +39,17 @@ def calibration_images(cfg, data: dict, device: torch.device, stride: int) -> It
     return (preprocess_batch(b, device)["img"] for b in loader)
 
 
-def ptq_baseline(ctx: RunContext, fp32_model: nn.Module, bit_overrides: dict | None, *,
-                 announce: bool = False) -> nn.Module:
+def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:
+    """Calibrate the run's prepared ``model`` in place on ``qat_params.calibration_images`` training images."""
+    stride = max(int(model.stride.max()), 32)
+    model.to(ctx.device)
+    calibrate(model, calibration_images(ctx.cfg, ctx.data, ctx.device, stride), ctx.cfg.qat_params.calibration_images)
+    return model
+
+
+def ptq_baseline(ctx: RunContext, fp32_model: nn.Module, bit_overrides: dict | None) -> nn.Module:
     """The PTQ model of this run's configuration, calibrated on ``qat_params.calibration_images`` training images."""
     stride = max(int(fp32_model.stride.max()), 32)
     return build_ptq_model(fp32_model, ctx.cfg, bit_overrides,
                            lambda: calibration_images(ctx.cfg, ctx.data, ctx.device, stride),
-                           ctx.cfg.qat_params.calibration_images, ctx.device, announce=announce)
+                           ctx.cfg.qat_params.calibration_images, ctx.device)

@@ -169,9 +169,7 @@ def resolve_resume(request: RunRequest, overrides: dict) -> tuple[RunContext, St
     rank = init_distributed(device)
     LOGGER.info(f"Resuming {run_dir} from epoch {int(st['epoch']) + 1}/{total}")
     extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data", "distill_adapters") if k in ckpt}
-    # the FP32 row of --eval (and the self-distillation teacher, which otherwise loads it itself)
-    fp32_model = load_fp32_source(extra.get("fp32_source"), cfg.model.variant) if request.eval else None
     ctx = RunContext(cfg, data, data_yaml, device, rank, run_dir, Path(request.export_dir), Path(request.log_dir),
                      request.output, extra.get("fp32_source"), True, request.eval, request.export,
                      request.validate_exports, request.analyze)
-    return ctx, StartingPoint(fp32_model, model, last, "qat", extra, st)
+    return ctx, StartingPoint(None, model, last, "qat", extra, st)
