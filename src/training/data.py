@@ -64,12 +64,16 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
     # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data import build_dataloader, build_yolo_dataset
 
-    dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
+    shuffle = (mode == "train") if shuffle is None else shuffle
+    # Rectangular val batches group images of one aspect ratio; shuffled, a batch would mix shapes that cannot stack,
+    # so a shuffled val-mode loader (calibration, sensitivity) letterboxes every image to the square input size.
+    rect = mode == "val" and not shuffle
+    dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=rect, stride=stride)
     loader = build_dataloader(
         dataset,
         batch=batch,
         workers=hyp.workers if workers is None else workers,
-        shuffle=(mode == "train") if shuffle is None else shuffle,
+        shuffle=shuffle,
         rank=rank,
         pin_memory=torch.cuda.is_available(),
         device="cuda" if torch.cuda.is_available() else "cpu",
