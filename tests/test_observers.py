@@ -3,6 +3,7 @@
 import copy
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -376,3 +377,34 @@ def test_build_observer_serves_exactly_the_vocabulary():
 def test_build_observer_errors(cfg, match):
     with pytest.raises(QuantizationError, match=match):
         build_observer(cfg, 0, 255, False, name="model.1")
+
+
+# ------------------------------------------------------------------------------------------ calibration weighting
+def test_calibration_weighs_every_batch_equally_then_qat_averages():
+    """PTQ ranges are the mean of the calibration batches' extremes, not (mostly) the first batch's."""
+    from src.quantization.calibration import calibrate
+    from src.quantization.fake_quantize import FakeQuantize
+
+    class Quantized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))  # calibrate() finds the device from a parameter
+            self.fq = FakeQuantize(QCfg(observer="moving_average_minmax", averaging_constant=0.01),
+                                   SimpleNamespace(type="ste"), is_weight=False)
+
+        def forward(self, x):
+            return self.fq(x)
+
+    model = Quantized()
+    fq = model.fq
+    peaks = [1.0, 2.0, 4.0, 8.0]  # batch k holds values in [-peak/4, peak]
+    batches = [torch.linspace(-p / 4, p, 101).reshape(1, 1, 1, 101) for p in peaks]
+    calibrate(model, batches, len(peaks), progress=False)
+    lo, hi = fq.observer.compute_range()
+    assert hi.item() == pytest.approx(sum(peaks) / 4, rel=1e-6) and lo.item() == pytest.approx(-sum(peaks) / 16, rel=1e-6)
+    assert not fq.observer.calibrating
+    # QAT afterwards: the moving average with c, from the calibrated state
+    fq.train()
+    fq.enable_observer(True)
+    fq(torch.linspace(-1.0, 12.0, 101))
+    assert fq.observer.max_val[0].item() == pytest.approx(3.75 + 0.01 * (12.0 - 3.75), rel=1e-6)

@@ -58,6 +58,7 @@ def calibrate(
         q.train()  # observers only update in training mode
         q.enable_observer(True)
         q.enable_fake_quant(False)
+        q.observer.calibrating = True
     seen = 0
     bar = tqdm(total=num_images, desc="Calibrating", unit="img", disable=not progress, leave=False)
     try:
@@ -72,6 +73,8 @@ def calibrate(
                 break
     finally:
         bar.close()
+        for q in quantizers:
+            q.observer.calibrating = False
     if seen == 0:
         raise ValueError("calibrate: the calibration data yielded no images")
     for q in quantizers:

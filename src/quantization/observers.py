@@ -55,6 +55,8 @@ class ObserverBase(nn.Module):
         # statistics are all-reduced before they are folded in: every rank keeps identical ranges. Weight observers
         # turn this off (weights are already identical on every rank).
         self.sync_distributed = True
+        # Set by the calibration loop while it runs (observers that average over batches weigh each one equally then)
+        self.calibrating = False
         self._init_state()
 
     def _init_state(self) -> None:
@@ -186,6 +188,8 @@ class MinMaxObserver(ObserverBase):
 class MovingAverageMinMaxObserver(ObserverBase):
     """Exponential moving average of per-batch min and max (``m += c * (cur - m)``); the first batch initializes.
 
+    While ``calibrating``, ``c`` is ``1 / k`` for the k-th batch: the plain mean of the batches' extremes.
+
     Args:
         averaging_constant: EMA momentum ``c`` in (0, 1].
         **kwargs: See ``ObserverBase``.
@@ -198,12 +202,16 @@ class MovingAverageMinMaxObserver(ObserverBase):
             raise QuantizationError(f"averaging_constant={averaging_constant} must be in (0, 1]; e.g. 0.01")
         super().__init__(qmin, qmax, symmetric, **kwargs)
         self.averaging_constant = float(averaging_constant)
+        # batches folded in per site while calibrating; transient (calibration starts from reset()), not saved
+        self.register_buffer("calibration_batches", torch.zeros(self.num_sites), persistent=False)
 
     def _update(self, x, site, cur_min, cur_max):
+        if self.calibrating:
+            self.calibration_batches[site] += 1
         if self._first_observation(site, cur_min, cur_max):
             return
         min_val, max_val = self.min_val[site], self.max_val[site]
-        c = self.averaging_constant
+        c = self.calibration_batches[site].reciprocal() if self.calibrating else self.averaging_constant
         # m + c * (cur - m), as torch.ao evaluates it, so results are bit-identical.
         min_val.add_((cur_min - min_val).mul_(c))
         max_val.add_((cur_max - max_val).mul_(c))
