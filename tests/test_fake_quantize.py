@@ -338,3 +338,35 @@ def test_export_mode_rejects_more_than_8_bits():
     fq = act_fq(bit_width=16).eval().set_export_mode(True)
     with pytest.raises(QuantizationError, match="at most 8 bits"):
         fq(torch.randn(3))
+
+
+# --------------------------------------------------------------------------------- observers during QAT (issue 14)
+def test_shared_quantizer_uses_one_scale_within_a_forward_pass():
+    """Every site of a shared quantizer is quantized with the scale refreshed at its first site."""
+    fq = FakeQuantize(replace(ACT, observer="minmax"), FQCfg(), is_weight=False, num_sites=2, name="shared").train()
+    small, big = torch.linspace(0.0, 1.0, 64), torch.linspace(0.0, 4.0, 64)
+    fq(small, site=0)
+    fq(small, site=1)  # forward pass 1: both sites saw [0, 1]
+    y0 = fq(small, site=0)  # pass 2: site 0 first
+    scale = fq.scale.clone()
+    y1 = fq(big, site=1)  # a wider range at site 1 must not change the scale site 0 of this pass used
+    ref = torch.fake_quantize_per_tensor_affine(big, float(scale), int(fq.zero_point), 0, 255)
+    assert torch.equal(y1, ref) and torch.equal(fq.scale, scale)
+    fq(small, site=0)  # pass 3: site 1's [0, 4] enters at site 0's refresh
+    assert fq.scale.item() == pytest.approx(4.0 / 255, rel=1e-6)
+    assert torch.equal(y0, torch.fake_quantize_per_tensor_affine(small, float(scale), int(fq.zero_point), 0, 255))
+
+
+def test_observer_never_overwrites_a_learned_lsq_scale():
+    fq = act_fq(FQCfg(type="lsq")).train()
+    fq.enable_fake_quant(False)
+    fq(torch.linspace(0.0, 1.0, 64))  # calibration: the observer initialises the scale
+    fq.enable_fake_quant(True)
+    learned = fq.scale.detach().clone()
+    with torch.no_grad():
+        fq.scale.mul_(1.5)  # as an optimizer step would
+        learned = fq.scale.detach().clone()
+    fq(torch.linspace(0.0, 8.0, 64))  # observers still on (the first QAT epoch)
+    assert torch.equal(fq.scale.detach(), learned)
+    fq.enable_observer(False)  # freezing must not restore the observer's range either
+    assert torch.equal(fq.scale.detach(), learned)

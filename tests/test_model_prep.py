@@ -340,3 +340,20 @@ def test_every_preset_prepares_calibrates_and_trains(preset):
         # LSQ+ learned offsets only on asymmetric activations, never on weights
         assert all(not isinstance(q.zero_point, nn.Parameter) for q in lsq if q.is_weight)
         assert any(isinstance(q.zero_point, nn.Parameter) for q in lsq if not q.is_weight)
+
+
+def test_shared_quantizer_sites_run_in_site_order(cfg):
+    """A shared quantizer refreshes its scale at site 0, so site 0 must be the first to run in every forward pass."""
+    model = _calibrated(cfg)
+    calls: dict[str, list[int]] = {}
+
+    def record(key):
+        return lambda mod, args, kwargs: calls.setdefault(key, []).append(kwargs.get("site", 0))
+
+    for key, fq in model.qat_quantizers.items():
+        if fq.observer.num_sites > 1:
+            fq.register_forward_pre_hook(record(key), with_kwargs=True)
+    model.train()
+    model(torch.rand(1, 3, 64, 64))
+    assert len(calls) >= 6  # C2f blocks and neck concats
+    assert all(sites == list(range(len(sites))) for sites in calls.values()), calls

@@ -60,8 +60,10 @@ class _PlacementTracer(TorchFunctionMode):
         self.uf = _UnionFind()
         self.consumer_inputs: dict[str, int | None] = {}
         self.mixed_concats = 0
+        self.execution_order: dict[int, int] = {}  # site id -> position of its first call in the forward pass
 
     def tag(self, x: torch.Tensor, site_id: int) -> None:
+        self.execution_order.setdefault(site_id, len(self.execution_order))
         self.uf.add(site_id)
         self.tags[id(x)] = site_id
         self.keep.append(x)
@@ -103,8 +105,9 @@ class SiteTrace:
 
     Attributes:
         producers: (name, module) of every producer site, in module order; a site's id is its index here.
-        groups: Per group root, the ids of the producers that must share one quantizer; only groups whose tensors
-            reach a quantized conv (other sites would be wasted Q/DQ pairs).
+        groups: Per group root, the ids of the producers that must share one quantizer, in the order they run in a
+            forward pass (a shared quantizer refreshes its scale at its first site); only groups whose tensors reach
+            a quantized conv (other sites would be wasted Q/DQ pairs).
         consumer_roots: Per quantized conv, the root of the group covering its input; None when no producer site
             covers it (the image input, or after an unsupported op).
         mixed_concats: Concats joining covered and uncovered tensors.
@@ -148,9 +151,10 @@ def trace_sites(model: nn.Module, qconvs: dict[str, QuantConv], imgsz: int) -> S
     # concat partners of a useful site are kept: they must share its scale anyway
     used_roots = {tracer.uf.find(t) for t in tracer.consumer_inputs.values() if t is not None}
     groups: dict[int, list[int]] = {}
-    for i in range(len(producers)):
-        if i in tracer.uf.parent and tracer.uf.find(i) in used_roots:
+    for i in sorted(tracer.execution_order, key=tracer.execution_order.get):
+        if tracer.uf.find(i) in used_roots:
             groups.setdefault(tracer.uf.find(i), []).append(i)
+    groups = dict(sorted(groups.items()))
     consumer_roots = {name: None if (t := tracer.consumer_inputs.get(name)) is None else tracer.uf.find(t)
                       for name in qconvs}
     return SiteTrace(producers, groups, consumer_roots, tracer.mixed_concats)

@@ -2,9 +2,11 @@
 
 Numerics live in ``utils``; this module only holds state and decides which path runs:
 
-* training + observer on: collect ``x`` and refresh scale/zero point in place (qparams are refreshed lazily when
-  fake quant is off, e.g. during calibration, and at the latest when the observer is switched off or the state is
-  saved); eval mode never updates statistics.
+* training + observer on: collect ``x``; with fake quant on, scale/zero point are refreshed once per forward pass, at
+  the quantizer's first site, so every site of a shared quantizer uses one scale (with fake quant off, e.g. during
+  calibration, lazily: at the latest when the observer is switched off or the state is saved). An LSQ quantizer stops
+  observing once its scale came from data (calibration, or its first forward pass): from there on it learns the scale. Eval mode never updates
+  statistics.
 * fake quant on: ``STEFakeQuant`` (type ``ste``, alias ``custom``) or ``LSQFakeQuant`` (type ``lsq``, learned scale and optionally
   a learned zero point, LSQ+).
 * ``export_mode``: plain ``torch.fake_quantize_per_{tensor,channel}_affine`` with an 8-bit container range, which the
@@ -90,6 +92,7 @@ class FakeQuantize(nn.Module):
         self._ch_axis, self.fq_type, self.grad_factor, self.learn_zero_point = ch_axis, fq_type, grad_factor, learn_zp
         self.export_mode = False
         self._stale = False  # qparams lag the observer (observed with fake quant off)
+        self._from_data = False  # scale/zero point derived from observed data (or loaded) rather than the default
         self.observer = build_observer(qcfg, self._qmin, self._qmax, self._symmetric, num_channels=num_channels,
                                        num_sites=num_sites, name=name)
         self.observer.sync_distributed = not is_weight
@@ -168,6 +171,7 @@ class FakeQuantize(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         self._stale = False
+        self._from_data = True
 
     def _refresh_if_stale(self) -> None:
         if self._stale:
@@ -192,6 +196,7 @@ class FakeQuantize(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._stale = False  # a saved state is always refreshed (see _save_to_state_dict)
+        self._from_data = True
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
@@ -209,15 +214,17 @@ class FakeQuantize(nn.Module):
 
     def _quantize(self, x: torch.Tensor, site: int, observe: bool, quantize: bool) -> torch.Tensor:
         xf = x if x.dtype == torch.float32 else x.float()
+        if observe and quantize and self.fq_type == vocab.LSQ and self._from_data:
+            observe = False  # the scale is a learned parameter now: the observer only initialised it
         if observe:
             self.observer.collect(xf.detach(), site)
-            if quantize:
-                self._refresh_qparams()
-            else:
-                self._stale = True
+            self._stale = True
         if not quantize:
             return x
-        self._refresh_if_stale()
+        # Sites run in order within a forward pass (the placement orders them so): the scale is refreshed at site 0,
+        # and every later site of a shared quantizer uses that same scale (their statistics enter at the next pass).
+        if site == 0 or not observe:
+            self._refresh_if_stale()
         axis = None if self._ch_axis is None else self._ch_axis % x.dim()
         if self.fq_type == vocab.LSQ:
             numel_per_scale = xf.numel() // max(self.scale.numel(), 1)
