@@ -321,6 +321,11 @@ class FakeQuantizeConfig(_Section):
     _ALIASES: ClassVar[dict] = {"type": vocab.FAKE_QUANT_ALIASES}
     _RANGES: ClassVar[dict] = {"grad_factor": (0.0, None, True, False)}
 
+    def _check_combination(self, path: str) -> None:
+        problem = vocab.grad_factor_problem(self.type, self.grad_factor)
+        if problem:
+            raise ConfigError(f"{path}.grad_factor: {problem}")
+
     def learns_zero_point(self, quantizer: QuantizerConfig) -> bool:
         """Whether ``quantizer``'s zero-point is a learned parameter (LSQ+): lsq, learn_zero_point, asymmetric."""
         return self.type == vocab.LSQ and self.learn_zero_point and not quantizer.symmetric

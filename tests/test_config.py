@@ -351,3 +351,9 @@ def test_dynamic_shapes_refused_at_load_for_tensorrt_only():
     with pytest.raises(ConfigError, match="export.dynamic: true cannot be combined with tensorrt"):
         build_config({"export": {"formats": ["tensorrt"], "dynamic": True}})
     assert build_config({"export": {"formats": ["tflite"], "dynamic": True}}).export.dynamic is True
+
+
+def test_grad_factor_is_for_learned_qparams():
+    assert build_config({"quantization": {"fake_quantize": {"type": "lsq", "grad_factor": 0.5}}})
+    with pytest.raises(ConfigError, match="quantization.fake_quantize.grad_factor: grad_factor=0.5 scales the gradients"):
+        build_config({"quantization": {"fake_quantize": {"type": "custom", "grad_factor": 0.5}}})

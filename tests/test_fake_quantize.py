@@ -59,6 +59,7 @@ def act_fq(fq=FQCfg(), **kw):
     (lambda: act_fq(FQCfg(learn_zero_point=True)), "type: lsq"),
     (lambda: act_fq(FQCfg(type="lsq", learn_zero_point=True), symmetric=True), "asymmetric"),
     (lambda: act_fq(FQCfg(grad_factor=0.0)), "grad_factor"),
+    (lambda: act_fq(FQCfg(grad_factor=0.5)), "learns none"),
     (lambda: act_fq(observer="histogram", scheme="per_channel"), "num_channels|per-tensor"),
 ])
 def test_invalid_configs_raise_clear_errors(make, match):
@@ -141,9 +142,8 @@ def test_state_dict_of_stale_quantizer_holds_current_qparams():
     assert torch.equal(sd["scale"], fq.observer.compute()[0])
 
 
-@pytest.mark.parametrize("grad_factor", [1.0, 0.5])
-def test_custom_backward_is_ste_mask_times_grad_factor(grad_factor):
-    fq = act_fq(FQCfg(grad_factor=grad_factor), observer="minmax").train()
+def test_ste_backward_is_the_clipping_mask():
+    fq = act_fq(FQCfg(), observer="minmax").train()
     fq(torch.randn(100))  # range ~[-3, 3]
     fq.freeze()
     x = (torch.randn(100) * 4).requires_grad_()
@@ -152,7 +152,7 @@ def test_custom_backward_is_ste_mask_times_grad_factor(grad_factor):
     y.backward(dy)
     q = torch.round(x.detach() * (1.0 / fq.scale)) + fq.zero_point
     mask = (q >= 0) & (q <= 255)
-    assert (~mask).any() and torch.equal(x.grad, dy * mask * grad_factor)
+    assert (~mask).any() and torch.equal(x.grad, dy * mask)
 
 
 def test_shared_sites_cover_union_of_ranges():

@@ -152,9 +152,8 @@ def test_fake_quantize_rejects_out_of_range_zero_point():
         fake_quantize(torch.randn(3), 0.1, 300, 0, 255)
 
 
-@pytest.mark.parametrize("grad_factor", [1.0, 0.25])
 @pytest.mark.parametrize("axis", [None, 1])
-def test_ste_gradient_is_mask_times_grad_factor(grad_factor, axis):
+def test_ste_gradient_is_the_clipping_mask(axis):
     torch.manual_seed(1)
     x = (torch.randn(3, 4, 5) * 3).requires_grad_()
     if axis is None:
@@ -163,13 +162,13 @@ def test_ste_gradient_is_mask_times_grad_factor(grad_factor, axis):
     else:
         scale, zp = torch.linspace(0.01, 0.03, 4), torch.tensor([0, 5, -3, 1], dtype=torch.int32)
         s_b, z_b = scale.reshape(1, 4, 1), zp.reshape(1, 4, 1)
-    y = STEFakeQuant.apply(x, scale, zp, -128, 127, axis, grad_factor)
+    y = STEFakeQuant.apply(x, scale, zp, -128, 127, axis)
     dy = torch.randn_like(y)
     y.backward(dy)
     q = torch.round(x.detach() * (1.0 / s_b)) + z_b
     mask = (q >= -128) & (q <= 127)
     assert (~mask).any() and mask.any()
-    assert torch.equal(x.grad, dy * mask * grad_factor)
+    assert torch.equal(x.grad, dy * mask)
     assert torch.equal(y, fake_quantize(x.detach(), scale, zp, -128, 127, axis))
 
 
@@ -262,3 +261,21 @@ def test_check_finite_stats_names_layer():
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(NonFiniteObservationError, match="model.3.conv"):
             check_finite_stats(torch.tensor(bad), torch.tensor(1.0), "model.3.conv")
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_lsq_grad_factor_scales_only_the_qparam_gradients(axis):
+    """torch.ao's convention: a factor on dx would compound through every quantizer of the network."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 5) * 2
+    shape = () if axis is None else (4,)
+    grads = {}
+    for factor in (1.0, 0.25):
+        xg = x.clone().requires_grad_()
+        s = torch.full(shape, 0.05, requires_grad=True)
+        z = torch.full(shape, 3.0, requires_grad=True)
+        LSQFakeQuant.apply(xg, s, z, 0, 255, axis, 0.1, factor).backward(torch.ones(4, 5))
+        grads[factor] = (xg.grad, s.grad, z.grad)
+    (x1, s1, z1), (x4, s4, z4) = grads[1.0], grads[0.25]
+    assert torch.equal(x4, x1)
+    assert torch.equal(s4, s1 * 0.25) and torch.equal(z4, z1 * 0.25) and s1.abs().sum() > 0

@@ -73,8 +73,9 @@ class FakeQuantize(nn.Module):
             raise QuantizationError(f"{where}: fake_quantize type={fq_type!r} is unknown; use "
                                     f"{' or '.join(vocab.FAKE_QUANT_TYPES)}")
         grad_factor = float(getattr(fq_cfg, "grad_factor", 1.0))
-        if not grad_factor > 0:
-            raise QuantizationError(f"{where}: grad_factor={grad_factor} must be > 0 (1.0 = plain STE)")
+        problem = vocab.grad_factor_problem(fq_type, grad_factor)
+        if problem:
+            raise QuantizationError(f"{where}: {problem}")
         learn_zp = bool(getattr(fq_cfg, "learn_zero_point", False))
         if learn_zp and fq_type != vocab.LSQ:
             raise QuantizationError(f"{where}: learn_zero_point needs fake_quantize type: lsq")
@@ -234,7 +235,7 @@ class FakeQuantize(nn.Module):
         else:
             # symmetric signed ranges have zero_point 0 by construction: None skips two passes
             zero_point = None if self._symmetric and self._signed else self.zero_point
-            y = STEFakeQuant.apply(xf, self.scale, zero_point, self._qmin, self._qmax, axis, self.grad_factor)
+            y = STEFakeQuant.apply(xf, self.scale, zero_point, self._qmin, self._qmax, axis)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:

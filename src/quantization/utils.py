@@ -205,22 +205,18 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis
 
 # ------------------------------------------------------------------------------------------------------- autograd
 class STEFakeQuant(torch.autograd.Function):
-    """Fake quantization with the clipped straight-through estimator: dx = dy * mask * grad_factor."""
+    """Fake quantization with the clipped straight-through estimator: dx = dy * mask."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_factor: float = 1.0):
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int | None):
         y, mask = fake_quantize_with_mask(x.float(), scale, zero_point, qmin, qmax, axis)
         ctx.save_for_backward(mask)
-        ctx.grad_factor = grad_factor
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
-        grad_x = grad_out * mask
-        if ctx.grad_factor != 1.0:
-            grad_x = grad_x * ctx.grad_factor
-        return grad_x, None, None, None, None, None, None
+        return grad_out * mask, None, None, None, None, None
 
 
 def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:
@@ -229,7 +225,7 @@ def lsq_grad_scale(numel_per_scale: int, qmax: int) -> float:
 
 
 class LSQFakeQuant(torch.autograd.Function):
-    """LSQ/LSQ+ fake quantization: STE for x, learned-step-size gradients (scaled by g) for scale and zero point."""
+    """LSQ/LSQ+ fake quantization: STE for x, learned-step-size gradients (x g x grad_factor) for scale and zero point."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_scale: float,
@@ -249,11 +245,12 @@ class LSQFakeQuant(torch.autograd.Function):
     def backward(ctx, grad_out):
         """Per element, with v = x/s and q = round(v) + zp (all fp32):
 
-        * dx = dy where qmin <= q <= qmax, else 0 (times grad_factor);
+        * dx = dy where qmin <= q <= qmax, else 0;
         * ds = g * dy * (round(v) - v inside, qmin - zp below, qmax - zp above) -- Esser et al. 2020, eq. 3;
         * dzp = g * dy * (0 inside, -s outside) -- LSQ+ (Bhalgat et al. 2020) for an integer-rounded zero point;
 
-        ds and dzp are summed per scale. torch's fused learnable-fake-quant backward kernels compute exactly these
+        ds and dzp are summed per scale and multiplied by ``grad_factor``, as torch.ao's learnable fake quantize does:
+        it tunes the qparams' learning rate and, unlike a factor on dx, does not compound through the network's depth. torch's fused learnable-fake-quant backward kernels compute exactly these
         expressions in one pass, so they are used here (tests check them against an independent float64 formula).
         """
         x, s, zp = ctx.saved_tensors
@@ -262,7 +259,7 @@ class LSQFakeQuant(torch.autograd.Function):
         grad_x, grad_s, grad_zp = learnable_fake_quantize_backward(grad_out, x, s, zp, qmin, qmax, ctx.grad_scale,
                                                                    ctx.axis)
         if ctx.grad_factor != 1.0:
-            grad_x = grad_x * ctx.grad_factor
+            grad_s, grad_zp = grad_s * ctx.grad_factor, grad_zp * ctx.grad_factor
         grad_s = grad_s.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
         zp_shape, zp_dtype, zp_requires_grad = ctx.zp_meta
         grad_zp = grad_zp.reshape(zp_shape).to(zp_dtype) if zp_requires_grad else None

@@ -29,6 +29,17 @@ def canonical_fake_quant_type(name: str) -> str:
     return FAKE_QUANT_ALIASES.get(name, name)
 
 
+def grad_factor_problem(fake_quant_type: str, grad_factor: float) -> str | None:
+    """``grad_factor`` multiplies the gradients of learned scales and zero points (LSQ), as in torch.ao."""
+    if not grad_factor > 0:
+        return f"grad_factor={grad_factor} must be > 0 (1.0 = the plain LSQ gradient)"
+    if grad_factor != 1.0 and canonical_fake_quant_type(fake_quant_type) != LSQ:
+        return (f"grad_factor={grad_factor} scales the gradients of learned scales and zero points, and type "
+                f"{fake_quant_type!r} learns none (the STE passes input gradients through unscaled); set type: lsq "
+                "or grad_factor: 1.0")
+    return None
+
+
 def observer_scheme_problem(observer: str, scheme: str) -> str | None:
     """Why ``observer`` cannot run with ``scheme`` and what to write instead, or None when they combine."""
     if observer == "per_channel_minmax" and scheme != "per_channel":
