@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -87,6 +88,55 @@ def test_parameters_outside_ddp_get_the_rank_mean_gradient(tmp_path):
         assert g["unused"] is None  # no rank used it: no gradient, so momentum does not move it
         # values start as rank 0's on every rank
         assert torch.equal(g["a_value"], torch.zeros(3)) and torch.equal(g["b_value"], torch.zeros(2, 2))
+
+
+def test_extra_loss_keeps_its_weight_against_the_detection_loss_under_ddp(tiny_dataset, tmp_path, monkeypatch):
+    """DDP averages gradients over ranks, so each rank's loss is multiplied by world_size (Ultralytics' convention):
+    the distillation term must get the same factor, or it weighs 1/world_size against the detection loss."""
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.config import load_config
+    from src.data.resolve import resolve_data
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.training.data import build_loader
+    from src.training.trainer import QATTrainer
+
+    cfg = load_config(None, {"train_params.img_size": 64, "train_params.batch_size": 8, "train_params.device": "cpu",
+                             "train_params.workers": 0})
+    data = resolve_data(str(tiny_dataset))
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    prepare_qat_model(model, cfg)
+    trainer = QATTrainer(model, cfg, data, str(tiny_dataset), torch.device("cpu"), tmp_path, None,
+                         validate_each_epoch=False)
+    seen = {}
+    detection_loss = model.loss
+
+    def loss(batch, preds):
+        out = detection_loss(batch, preds)
+        seen["det"] = float(out[0].sum())
+        return out
+
+    def extra_loss(preds, batch):
+        kd = preds["scores"].float().abs().mean() / 10  # any differentiable term of the outputs, ~1 here
+        seen["kd"] = float(kd)
+        return kd, {}
+
+    monkeypatch.setattr(model, "loss", loss)
+    trainer.extra_loss = extra_loss
+    monkeypatch.setattr(trainer.scaler, "scale", lambda total: seen.__setitem__("total", float(total)) or total)
+    # one rank standing in for two: the collectives the trainer calls are the identity on a single rank
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)
+    batch = next(iter(build_loader(trainer.hyp, data, "train", 8, mode="train", seed=0)))
+    trainer._outside = []  # no adapters: what train() sets before the first epoch
+    for world in (1, 2):
+        monkeypatch.setattr(trainer, "world_size", world)
+        trainer._train_epoch([copy.deepcopy(batch)], 0, nb=1, accumulate=1, warmup_iters=0)
+        assert seen["det"] > 0 and seen["kd"] > 0
+        # total = world x (det + kd): KD / detection is the same ratio at every world size
+        assert math.isclose(seen["total"], world * (seen["det"] + seen["kd"]), rel_tol=1e-6), (world, seen)
 
 
 def _run(tmp_path: Path, sync: bool) -> tuple[dict, dict]:

@@ -42,28 +42,57 @@ def _cfg(**dist):
     return cfg
 
 
-def test_class_kd_matches_binary_kl_formula_and_is_zero_on_equal_logits():
+def _bernoulli_kl(pt: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    return pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_class_kd_is_the_binary_kl_per_teacher_score_mass_at_t1(T):
+    """Documented scale: sum of KL(sigmoid(t/T) || sigmoid(s/T)) / max(sum sigmoid(t), 1), x T^2; 0 when equal."""
     torch.manual_seed(0)
-    s, t = torch.randn(2, 3, 10) * 3, torch.randn(2, 3, 10) * 3
-    T = 2.0
-    ps, pt = torch.sigmoid(s.double() / T), torch.sigmoid(t.double() / T)
-    ref = (pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))).sum() / pt.sum().clamp(min=1) * T * T
+    s, t = torch.randn(2, 3, 10) * 3, torch.randn(2, 3, 10) * 3 - 4  # a mostly-background teacher, as in detection
+    mass = torch.sigmoid(t.double()).sum()
+    assert mass > 1  # the normaliser, not its floor
+    ref = _bernoulli_kl(torch.sigmoid(t.double() / T), torch.sigmoid(s.double() / T)).sum() / mass * T * T
     assert math.isclose(float(class_kd(s, t, T)), float(ref), rel_tol=1e-5)
     assert float(class_kd(t, t, T)) == 0.0
 
 
-def test_box_kd_matches_weighted_kl_formula_and_is_zero_on_equal_logits():
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_box_kd_is_the_confidence_weighted_mean_side_kl_times_t_squared(T):
     torch.manual_seed(1)
-    reg_max, T = 16, 3.0
+    reg_max = 16
     s, t = torch.randn(2, 4 * reg_max, 7), torch.randn(2, 4 * reg_max, 7)
-    scores = torch.randn(2, 3, 7)
+    scores = torch.randn(2, 3, 7) - 6  # background-dominated: total weight < 1
     ps = F.softmax(s.double().view(2, 4, reg_max, 7) / T, 2)
     pt = F.softmax(t.double().view(2, 4, reg_max, 7) / T, 2)
-    kl = (pt * (pt.log() - ps.log())).sum(2).mean(1)
+    kl = (pt * (pt.log() - ps.log())).sum(2).mean(1)  # (B, A)
     w = torch.sigmoid(scores.double()).amax(1)
-    ref = (w * kl).sum() / w.sum().clamp(min=1) * T * T
+    ref = (w * kl).sum() / w.sum() * T * T
     assert math.isclose(float(box_kd(s, t, scores, T, reg_max)), float(ref), rel_tol=1e-5)
     assert float(box_kd(t, t, scores, T, reg_max)) == 0.0
+
+
+@pytest.mark.parametrize("axis", ["classes", "anchors", "images"])
+def test_kd_terms_do_not_depend_on_the_number_of_classes_anchors_or_images(axis):
+    """The same per-anchor logits repeated twice along an axis give the same KD: kd_weight means the same whatever
+    the dataset's class count or the image size. (The old class normaliser was the teacher's score mass at T, which
+    background anchors inflate as T grows.)"""
+    torch.manual_seed(2)
+    reg_max, T = 16, 2.0
+    s_cls, t_cls = torch.randn(1, 3, 21) - 8, torch.randn(1, 3, 21) - 10
+    t_cls[0, 1, 5:8] = 6.0  # one object: the teacher's score mass (the normaliser) is above its floor of 1
+    s_box, t_box = torch.randn(1, 4 * reg_max, 21), torch.randn(1, 4 * reg_max, 21)
+    dim = {"classes": 1, "anchors": 2, "images": 0}[axis]
+
+    def twice(x: torch.Tensor, boxes: bool = False) -> torch.Tensor:
+        return x if boxes and axis == "classes" else torch.cat([x, x], dim=dim)
+
+    assert math.isclose(float(class_kd(twice(s_cls), twice(t_cls), T)), float(class_kd(s_cls, t_cls, T)),
+                        rel_tol=1e-6)
+    one = box_kd(s_box, t_box, t_cls, T, reg_max)
+    two = box_kd(twice(s_box, True), twice(t_box, True), twice(t_cls), T, reg_max)
+    assert math.isclose(float(two), float(one), rel_tol=1e-6)
 
 
 def test_kd_loss_zero_for_identical_student_positive_otherwise():

@@ -1,12 +1,18 @@
 """Knowledge distillation for QAT: a frozen float teacher guides the fake-quantized student.
 
-Terms (each logged; all are exactly zero when student and teacher produce identical raw outputs):
-  * ``kd_cls``: binary KL between sigmoid class scores at temperature T (Ultralytics' classifier is per-class sigmoid,
-    not softmax), times T^2, normalised by the teacher's total score mass like v8DetectionLoss normalises its BCE.
-  * ``kd_box``: KL between the DFL box distributions (softmax over ``reg_max`` bins per side) at temperature T, times
-    T^2, weighted per anchor by the teacher's confidence (box distributions of background anchors carry no signal).
+Terms (each logged; all are exactly zero when student and teacher produce identical raw outputs). Neither output term
+changes scale with the number of classes, anchors or images, and the T^2 factor (Hinton et al., 2015) keeps their
+gradients comparable across temperatures:
+  * ``kd_cls``: binary KL(teacher || student) between sigmoid class scores at temperature T (Ultralytics' classifier
+    is per-class sigmoid, not softmax), summed and divided by the teacher's score mass at T = 1 (at least 1), times
+    T^2 -- the normalisation v8DetectionLoss gives its class BCE (by the target score mass), so ``kd_weight`` weighs
+    it against the detection loss alike on every dataset.
+  * ``kd_box``: KL(teacher || student) between the DFL box distributions (softmax over ``reg_max`` bins per side) at
+    temperature T, averaged over the 4 sides, then over (image, anchor) weighted by the teacher's confidence
+    (weights normalised to sum 1: box distributions of background anchors carry no signal), times T^2.
   * ``kd_feat``: MSE between student and teacher feature maps (the neck outputs that feed Detect, or
-    ``distillation.feature_layers``), through a trainable 1x1 conv adapter where the channel counts differ.
+    ``distillation.feature_layers``), through a trainable 1x1 conv adapter where the channel counts differ; a mean
+    over elements, then over levels.
 
 The teacher lives in a plain attribute of :class:`Distiller` (not a registered submodule of anything the trainer
 touches), its parameters have ``requires_grad=False`` and it runs under ``torch.no_grad()`` in eval mode, so neither
@@ -46,7 +52,12 @@ def _raw(preds) -> dict:
 
 
 def class_kd(student_scores: torch.Tensor, teacher_scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Binary KL(teacher || student) of sigmoid class scores at temperature T, x T^2 / teacher score mass.
+    """Binary KL(teacher || student) of sigmoid class scores at temperature T, per unit of teacher score mass, x T^2.
+
+    ``sum_{b,c,a} KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T))) / max(sum_{b,c,a} sigmoid(t), 1) * T^2``:
+    the mass is taken at T = 1, so the normaliser does not move with the temperature, and it grows with the classes,
+    anchors and images exactly as the sum does (v8DetectionLoss divides its class BCE by the target score mass the
+    same way; the floor keeps a batch without objects from dividing by ~0).
 
     Args:
         student_scores: Logits (B, nc, A).
@@ -58,12 +69,17 @@ def class_kd(student_scores: torch.Tensor, teacher_scores: torch.Tensor, tempera
     p = torch.sigmoid(t)
     # written as differences of log-sigmoids so that identical logits give exactly 0
     kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    return kl.sum() / p.sum().clamp(min=1.0) * temperature ** 2
+    mass = torch.sigmoid(teacher_scores.float()).sum().clamp(min=1.0)
+    return kl.sum() / mass * temperature ** 2
 
 
 def box_kd(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, teacher_scores: torch.Tensor,
            temperature: float, reg_max: int) -> torch.Tensor:
-    """KL(teacher || student) of the DFL distributions at temperature T, x T^2, weighted by teacher confidence.
+    """KL(teacher || student) of the DFL distributions at T, mean per anchor side, confidence-weighted mean, x T^2.
+
+    ``sum_{b,a} w_ba * mean_side KL(softmax(t/T) || softmax(s/T)) / sum_{b,a} w_ba * T^2`` with ``w_ba`` the
+    teacher's highest class probability at the anchor: a weighted mean, so repeating the anchors (or classes) leaves
+    it unchanged.
 
     Args:
         student_boxes: Raw DFL logits (B, 4 * reg_max, A).
@@ -78,7 +94,8 @@ def box_kd(student_boxes: torch.Tensor, teacher_boxes: torch.Tensor, teacher_sco
     log_ps, log_pt = F.log_softmax(s, dim=2), F.log_softmax(t, dim=2)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=2).mean(dim=1)  # (B, A): mean over the 4 sides
     w = torch.sigmoid(teacher_scores.float()).amax(dim=1)  # (B, A)
-    return (w * kl).sum() / w.sum().clamp(min=1.0) * temperature ** 2
+    # the floor only matters when every weight underflowed to 0 (no anchor with any signal): then the term is 0
+    return (w * kl).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny) * temperature ** 2
 
 
 def feature_kd(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],

@@ -296,13 +296,16 @@ class QATTrainer:
                 except NonFiniteObservationError as e:  # names the layer whose activations went NaN/inf
                     raise _NonFinite(i, str(e)) from None
                 loss, items = self.model.loss(batch, preds)
-                loss = loss.sum() * self.world_size  # DDP averages gradients over ranks
+                loss = loss.sum()
                 items = {k: float(v) for k, v in items.items()} if isinstance(items, dict) else \
                     {f"loss{j}": float(v) for j, v in enumerate(items)}
                 if self.extra_loss is not None:
                     extra, extra_items = self.extra_loss(preds, batch)
                     loss = loss + extra
                     items.update(extra_items)
+                # DDP averages gradients over ranks (so do average_gradients for the adapters): x world_size, as
+                # Ultralytics does, on the whole sum so the extra term keeps its weight against the detection loss
+                loss = loss * self.world_size
             finite = bool(torch.isfinite(loss))
             if self.world_size > 1:  # every rank must take the same branch
                 flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
