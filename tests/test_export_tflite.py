@@ -7,6 +7,7 @@ op by op), and a yolov8n (nc=3) prepared with configs/qat_config.yaml and calibr
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ for _pkg in ("litert_torch", "ai_edge_litert.interpreter", "ai_edge_quantizer.qu
     except Exception as _e:  # a broken native library fails as something other than ImportError
         pytest.skip(f"TFLite export needs {_pkg.split('.')[0]} ({type(_e).__name__}: {_e})", allow_module_level=True)
 
+from src.export.common import CalibrationImages  # noqa: E402
 from src.export.tflite_export import (  # noqa: E402
     _as_tflite_layouts,
     _default_calibration,
@@ -78,7 +80,7 @@ def tiny(cfg, tmp_path_factory):
     calibrate(model, [images], 8, progress=False)
     model.eval()
     path, report = export_tflite(model, tmp_path_factory.mktemp("tflite") / "tiny.tflite", 16,
-                                 calibration_images=images)
+                                 calibration=CalibrationImages("random images", [images]))
     return model, path, report
 
 
@@ -116,7 +118,7 @@ def yolo(cfg, tmp_path_factory):
     model, images = usable_yolov8n(cfg)
     meta = build_metadata(model, 64, cfg=cfg)
     path, report = export_tflite(model, tmp_path_factory.mktemp("tflite") / "yolov8n_qat.tflite", 64, meta,
-                                 calibration_images=images)
+                                 calibration=CalibrationImages("synthetic scenes", [images]))
     return model, path, report, meta, images
 
 
@@ -339,3 +341,148 @@ def test_pipeline_refuses_dynamic_tflite(cfg, tmp_path):
     with pytest.raises(QATError, match="export.dynamic: true is not supported for TFLite"):
         check(FORMATS["tflite"], ctx)
 
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration images: the model's own data
+# --------------------------------------------------------------------------------------------------------------------
+RAMP_SIZE = 32
+
+
+def ramp_image(i: int, n: int) -> np.ndarray:
+    """A dark, smooth colour ramp (values <= 0.25), nothing like the synthetic scenes' shapes on bright grounds."""
+    x, y = np.meshgrid(np.linspace(0, 1, RAMP_SIZE), np.linspace(0, 1, RAMP_SIZE))
+    a = (i + 1) / n
+    return 0.25 * np.stack([x * a, y, np.full_like(x, 1 - a)], -1)  # RGB in [0, 0.25]
+
+
+@pytest.fixture(scope="module")
+def ramp_dataset(tmp_path_factory):
+    """data.yaml of 6 train / 2 val ramp images (32 px, lossless PNG) with one box each, and the train images."""
+    import cv2
+    import yaml
+
+    root = tmp_path_factory.mktemp("ramps")
+    train = []
+    for split, n in (("train", 6), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            im = ramp_image(i, n)
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), (im[..., ::-1] * 255).round().astype(np.uint8))
+            (root / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+            if split == "train":
+                train.append(torch.from_numpy((im * 255).round() / 255).permute(2, 0, 1).float())
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                    "names": {0: "ramp"}}))
+    return path, torch.stack(train)
+
+
+def ramp_context(cfg, data_yaml, data, tmp_path):
+    from src.stages.context import RunContext
+
+    return RunContext(cfg, data, str(data_yaml), torch.device("cpu"), -1, tmp_path, tmp_path / "exported",
+                      tmp_path / "logs", "m.pt", None, False, False, True, False, False)
+
+
+def pre_silu_bottom(ranges: dict) -> tuple[float, float]:
+    """(bottom of the pre-SiLU conv output's int8 range, its step) from a ``_tflite_ranges.json``."""
+    (t,) = [t for t in ranges["tensors"] if t["detail"].startswith("pre-SiLU")]
+    (s,), (z,) = t["scale"], t["zero_point"]
+    return (-128 - z) * s, s
+
+
+def observed_pre_silu_min(model, images: torch.Tensor) -> float:
+    """Smallest value of the first conv's output (QAT weights, float input: what the float TFLite calibrates)."""
+    with torch.no_grad():
+        return float(F.conv2d(images, model.c1.quantized_weight(), model.c1.conv.bias, 1, 1).min())
+
+
+def export_ramp_model(model, cfg, ctx, checkpoint) -> dict:
+    """export_all with the export stage's calibration images; the ``_tflite_ranges.json`` it wrote."""
+    from src.export.pipeline import export_all
+    from src.stages.export import export_calibration
+
+    exports = export_all(model, cfg, ctx.export_dir, "m",
+                         calibration=lambda: export_calibration(ctx, model, checkpoint))
+    return json.loads(exports["tflite"][1].read_text())
+
+
+@pytest.fixture(scope="module")
+def ramp_exports(cfg, ramp_dataset, tmp_path_factory):
+    """The Conv-SiLU-Conv and its TFLite export calibrated by a run with --data (the ramps)."""
+    import copy
+
+    from src.data.resolve import resolve_data
+    from src.quantization.calibration import calibrate
+
+    c = copy.deepcopy(cfg)
+    c.export.formats, c.export.include_metadata = ["tflite"], False
+    c.train_params.img_size, c.train_params.workers = RAMP_SIZE, 0
+    model = conv_silu_conv(cfg)
+    model.stride = torch.tensor([32.0])  # a detection model's attribute, read for the loader
+    calibrate(model, [torch.rand(8, 3, RAMP_SIZE, RAMP_SIZE, generator=torch.Generator().manual_seed(1))], 8,
+              progress=False)
+    model.eval()
+    data_yaml, _ = ramp_dataset
+    tmp = tmp_path_factory.mktemp("ramp_exports")
+    bare = tmp / "bare.pt"
+    torch.save({"stage": "qat"}, bare)  # a checkpoint that recorded no dataset
+    ranges = export_ramp_model(model, c, ramp_context(c, data_yaml, resolve_data(data_yaml), tmp / "data"), bare)
+    return model, c, ranges, tmp, bare
+
+
+def test_tflite_calibrates_on_the_runs_training_images(ramp_exports, ramp_dataset):
+    """The ranges no QAT quantizer covers come from the run's data and say so (before: always synthetic scenes)."""
+    model, _, ranges, _, _ = ramp_exports
+    data_yaml, train = ramp_dataset
+    assert (ranges["calibration_source"], ranges["calibration_images"]) == (str(data_yaml), 6)
+    bottom, step = pre_silu_bottom(ranges)
+    observed = observed_pre_silu_min(model, train)
+    assert observed < 0
+    assert abs(bottom - observed) <= step, (bottom, observed, step)  # min/max over the 6 ramps, on the int8 grid
+    # the synthetic scenes reach much lower: the fixture tells the two sources apart
+    synthetic = observed_pre_silu_min(model, _default_calibration((RAMP_SIZE, RAMP_SIZE)))
+    assert synthetic < observed - 5 * step, (synthetic, observed, step)
+
+
+def test_tflite_without_data_calibrates_on_synthetic_scenes_and_warns(ramp_exports, caplog):
+    import logging
+
+    model, c, _, tmp, bare = ramp_exports
+    with caplog.at_level(logging.WARNING, logger="yolov8_qat"):
+        ranges = export_ramp_model(model, c, ramp_context(c, "coco.yaml", None, tmp / "none"), bare)
+    assert "come from 8 synthetic images, not from the model's data" in caplog.text
+    assert "Pass --data <data.yaml>" in caplog.text
+    assert (ranges["calibration_source"], ranges["calibration_images"]) == ("synthetic", 8)
+    bottom, step = pre_silu_bottom(ranges)
+    synthetic = observed_pre_silu_min(model, _default_calibration((RAMP_SIZE, RAMP_SIZE)))
+    assert abs(bottom - synthetic) <= step, (bottom, synthetic, step)
+
+
+def test_export_calibration_uses_the_dataset_recorded_in_the_checkpoint(ramp_exports, ramp_dataset):
+    """An export-only run of a QAT checkpoint without --data calibrates on the data YAML the checkpoint recorded."""
+    from src.stages.export import export_calibration
+
+    model, c, _, tmp, bare = ramp_exports
+    data_yaml, train = ramp_dataset
+    ckpt = tmp / "recorded.pt"
+    torch.save({"stage": "qat", "data": str(data_yaml)}, ckpt)
+    ctx = ramp_context(c, "coco.yaml", None, tmp / "recorded")  # the run's default YAML, never resolved
+    cal = export_calibration(ctx, model, ckpt)
+    assert cal.source == str(data_yaml)
+    (batch,) = list(cal.batches)
+    assert batch.device.type == "cpu" and batch.shape == (6, 3, RAMP_SIZE, RAMP_SIZE)
+    # the unaugmented training images themselves, in the loader's shuffled order
+    assert sorted(batch.sum((1, 2, 3)).tolist()) == pytest.approx(sorted(train.sum((1, 2, 3)).tolist()), abs=1e-4)
+    assert export_calibration(ctx, model, bare) is None
+
+
+def test_first_images_stops_at_the_count():
+    from src.export.tflite_export import _first_images
+
+    batches = (torch.full((5, 3, 4, 4), float(i)) for i in range(10))
+    images = _first_images(batches, 8)
+    assert [float(im.max()) for im in images] == [0.0] * 5 + [1.0] * 3 and images[0].shape == (1, 3, 4, 4)
+    assert next(batches).max() == 2.0  # the third batch was never read

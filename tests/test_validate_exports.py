@@ -192,6 +192,38 @@ def test_bad_input_is_one_line_without_traceback(exports, tmp_path, capsys, name
     assert len([line for line in text.splitlines() if line.startswith("ERROR")]) == 1
 
 
+@pytest.mark.parametrize("folder, main", [("onnx", "m.onnx"), ("openvino", "m.xml"), ("tensorrt", "m.onnx"),
+                                          ("tflite", "m.tflite")])
+def test_a_format_folder_of_the_export_dir_is_discovered(tmp_path, folder, main):
+    """``<export-dir>/<format>`` holds that format's files; an IR .xml is taken there (not loose elsewhere)."""
+    from src.export.discovery import Target, discover
+
+    d = tmp_path / "exported" / folder
+    d.mkdir(parents=True)
+    for name in (main, "m.bin", "metadata.yaml", "build_engine.sh"):
+        (d / name).write_bytes(b"x")
+    assert discover([str(d)]) == [Target(d / main, folder)]
+
+
+def test_an_empty_format_folder_is_no_export(tmp_path):
+    from src.export.discovery import ValidationInputError, discover
+
+    d = tmp_path / "exported" / "openvino"
+    d.mkdir(parents=True)
+    with pytest.raises(ValidationInputError) as e:
+        discover([str(d)])
+    assert str(e.value) == (f"--model {d}: no exports found (looked for onnx/*.onnx, openvino/*.xml, tensorrt/*.onnx, "
+                            "tflite/*.tflite and *.xml in *_openvino_model)")
+
+
+def test_the_openvino_folder_the_export_wrote_is_validated(exports, tmp_path):
+    code, doc = _run(["--model", str(exports["xml"].parent), "--data", exports["data"], "--runs", "0"], tmp_path)
+    assert code == 0
+    (r,) = doc["exports"]
+    assert (r["format"], r["path"], r["passed"]) == ("openvino", str(exports["xml"]), True)
+    assert r["reference_map50_95"] == pytest.approx(exports["ref"]["map50_95"], abs=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # TFLite
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,16 +8,32 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """Images for the ranges a format calibrates itself (tensors no QAT quantizer covers), and where they come from.
+
+    Attributes:
+        source: Their dataset (the data YAML), recorded beside the export.
+        batches: NCHW float batches in [0, 1] at the export size, on the CPU; a format reads only as many as it needs.
+    """
+
+    source: str
+    batches: Iterable[torch.Tensor]
 
 
 @dataclass
 class ExportContext:
     """What every format's ``check`` and ``export`` get: the model, settings, layout and metadata of one run.
 
-    ``cache`` holds what one format computes for others (the QDQ ONNX OpenVINO converts), so it is made once.
+    ``calibration`` opens the run's own images for a format that calibrates ranges (None, or None returned: the run
+    has no data); only such a format calls it, so a run exporting none of them never loads a dataset. ``cache``
+    holds what one format computes for others (the QDQ ONNX OpenVINO converts), so it is made once.
     """
 
     model: object
@@ -27,6 +43,7 @@ class ExportContext:
     imgsz: int
     metadata: dict | None
     formats: list[str]
+    calibration: Callable[[], CalibrationImages | None] | None = None
     cache: dict = field(default_factory=dict)
     _tmp: list[Path] = field(default_factory=list)
 

@@ -29,13 +29,15 @@ def _or_list(items: list[str]) -> str:
 
 
 def discover(paths: list[str]) -> list[Target]:
-    """Exports named on the command line: files, ``*_openvino_model`` dirs, or an export dir in the spec's layout."""
+    """Exports named on the command line: files, an export dir in the spec's layout or one of its format folders
+    (``<export-dir>/openvino``), or ``*_openvino_model`` dirs."""
     targets: list[Target] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise ValidationInputError(f"--model {raw}: no such file or directory; pass an exported .onnx, an "
-                                       "OpenVINO .xml / *_openvino_model dir, a .tflite, or the --export-dir folder")
+                                       "OpenVINO .xml / *_openvino_model dir, a .tflite, or the --export-dir folder "
+                                       "(or one of its format folders)")
         if p.is_dir():
             found = _discover_dir(p)
             if not found:
@@ -51,9 +53,11 @@ def discover(paths: list[str]) -> list[Target]:
 
 
 def _discover_dir(d: Path) -> list[Target]:
-    own = registry.model_dir_format(d)
-    if own is not None:
-        return [Target(x, own.name) for x in sorted(d.glob(f"*{own.suffix}"))]
+    own = registry.dir_format(d)
+    found = [Target(x, own.name) for x in sorted(d.glob(f"*{own.suffix}"))] if own is not None else []
+    if found:
+        return found
+    # not one format's folder (or an export dir that happens to carry a format's name): the spec's layout
     found = [Target(x, f.name) for f in registry.FORMATS.values() for x in sorted((d / f.folder).glob(f"*{f.suffix}"))]
     for f in registry.FORMATS.values():
         if f.model_dir_suffix:

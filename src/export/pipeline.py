@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from src.errors import QATError
 from src.export import registry
-from src.export.common import ExportContext
+from src.export.common import CalibrationImages, ExportContext
 from src.export.hooks import check, hooks
 from src.export.metadata import build_metadata
 from src.export.validate import table, torch_map, validate as run_validation
@@ -29,6 +30,7 @@ def export_all(
     imgsz: int | None = None,
     reference_metrics: dict | None = None,
     source: str | None = None,
+    calibration: Callable[[], CalibrationImages | None] | None = None,
 ) -> dict[str, list[Path]]:
     """Export ``model`` to every format in ``cfg.export.formats``.
 
@@ -41,6 +43,9 @@ def export_all(
         reference_metrics: ``{"map50", "map50_95"}`` of the fake-quant model, stored in the metadata so
             ``validate_exports.py`` can gate on it without the checkpoint.
         source: Checkpoint path recorded in the metadata description.
+        calibration: Opens the model's own images for the ranges a format calibrates itself (TFLite's tensors no
+            QAT quantizer covers); called only when such a format is exported. None (or None returned): the run has
+            no data, and such a format falls back to synthetic images with a warning.
 
     Returns:
         Format name -> written paths (main artifact first).
@@ -57,7 +62,7 @@ def export_all(
                                   source=source)
     # registry order: the QDQ ONNX feeds openvino (and is checked once), so onnx runs first whatever the list order
     selected = registry.selected(formats)
-    ctx = ExportContext(model, cfg, Path(export_dir), stem, imgsz, metadata, [f.name for f in selected])
+    ctx = ExportContext(model, cfg, Path(export_dir), stem, imgsz, metadata, [f.name for f in selected], calibration)
     for f in selected:  # refuse impossible requests before spending time on the others
         check(f, ctx)
     out: dict[str, list[Path]] = {}
@@ -86,12 +91,14 @@ def export_and_validate(
     validate: bool = False,
     device: str = "cpu",
     imgsz: int | None = None,
+    calibration: Callable[[], CalibrationImages | None] | None = None,
 ) -> dict:
     """What ``train_qat.py --export [--validate-exports]`` runs after saving the checkpoint.
 
     With ``data``, the fake-quant model's mAP is measured the way ``validate_exports.py`` measures exports (static
     letterbox at the export size) and stored in the metadata, so the exports can later be gated without the
     checkpoint. With ``validate``, every export is validated against ``checkpoint`` (or that stored mAP).
+    ``calibration``: see :func:`export_all`.
 
     Returns:
         ``{"exports": {format: [paths]}, "validation": [ExportResult] | None, "passed": bool | None}``.
@@ -102,7 +109,8 @@ def export_and_validate(
         with tempfile.TemporaryDirectory(prefix="export_ref_") as tmp:
             m50, m = torch_map(model, str(data), imgsz, device, Path(tmp) / "val")
         reference = {"map50": m50, "map50_95": m, "imgsz": imgsz, "data": str(data)}
-    exports = export_all(model, cfg, export_dir, stem, imgsz, reference, str(checkpoint) if checkpoint else None)
+    exports = export_all(model, cfg, export_dir, stem, imgsz, reference, str(checkpoint) if checkpoint else None,
+                         calibration)
     out: dict = {"exports": exports, "validation": None, "passed": None}
     if validate:
         if data is None:

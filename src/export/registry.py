@@ -143,6 +143,8 @@ def unvalidated_reason(path: Path) -> str | None:
                 None)
 
 
-def model_dir_format(path: Path) -> ExportFormat | None:
-    """The format of a directory that is itself one export (``*_openvino_model``)."""
-    return next((f for f in FORMATS.values() if f.model_dir_suffix and path.name.endswith(f.model_dir_suffix)), None)
+def dir_format(path: Path) -> ExportFormat | None:
+    """The format whose files a directory holds by its name: a format's folder of the export dir (``openvino/``)
+    or a directory that is itself one export (``*_openvino_model``)."""
+    return next((f for f in FORMATS.values()
+                 if path.name == f.folder or f.model_dir_suffix and path.name.endswith(f.model_dir_suffix)), None)

@@ -22,10 +22,12 @@ over the whole image (about 2 px per step at 256 px: -2.6 mAP50-95 points on the
 
 Tensors no QAT quantizer covers keep a range from calibration (min/max over the calibration images: the head's
 last conv outputs), or from an op constraint (LOGISTIC outputs are fixed at 1/256; max-pool, resize, pad, slice,
-reshape and transpose take their input's). TFLite has no fused SiLU: it runs conv -> int8 -> LOGISTIC -> MUL, so
-each conv output before SiLU is one more int8 tensor; its top is fitted to the QAT grid after SiLU (see
-:func:`pre_silu_range`) and its bottom calibrated. Those two extra roundings per conv are the only numerical
-difference from the fake-quant model in the body (simulated in torch on the demo model: -0.12 mAP50-95 points).
+reshape and transpose take their input's). The calibration images are the run's own training images (synthetic
+scenes only when it has no data, with a warning): ranges from other images clip a trained model's scores and boxes.
+TFLite has no fused SiLU: it runs conv -> int8 -> LOGISTIC -> MUL, so each conv output before SiLU is one more int8
+tensor; its top is fitted to the QAT grid after SiLU (see :func:`pre_silu_range`) and its bottom calibrated. Those
+two extra roundings per conv are the only numerical difference from the fake-quant model in the body (simulated in
+torch on the demo model: -0.12 mAP50-95 points).
 :class:`TFLiteReport` lists where every int8 tensor's range came from; :func:`lsb_error` measures the agreement.
 """
 
@@ -49,7 +51,7 @@ from torch import nn
 
 from src.data.synthetic import render_image
 from src.errors import QATError
-from src.export.common import Coverage, ExportContext, prepare_for_export, single_thread
+from src.export.common import CalibrationImages, Coverage, ExportContext, prepare_for_export, single_thread
 from src.export.discovery import ValidationInputError
 from src.integrations import litert
 from src.integrations.ultralytics import normalize_coords_wrapper
@@ -68,6 +70,9 @@ CONCAT_OPS = {"CONCATENATION"}
 SAME_AS_INPUT_OPS = {"MAX_POOL_2D", "RESIZE_NEAREST_NEIGHBOR", "PAD", "PADV2", "RESHAPE", "TRANSPOSE", "SPLIT",
                      "SPLIT_V", "STRIDED_SLICE", "SLICE", "GATHER", "SQUEEZE", "EXPAND_DIMS"}
 SOURCES = ("qat", "constraint", "calibration")
+# images calibrating the tensors no QAT quantizer covers (min/max ranges: the pre-SiLU bottoms and the head logits)
+CALIBRATION_IMAGES = 8
+SYNTHETIC_SOURCE = "synthetic"
 TFLITE_WEIGHT_QMAX = 127
 
 
@@ -102,6 +107,7 @@ class TFLiteReport:
     int8_size_bytes: int = 0
     seconds: float = 0.0
     calibration_images: int = 0
+    calibration_source: str = SYNTHETIC_SOURCE  # the dataset (data YAML) the calibration images came from
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of int8 tensors per kind and source."""
@@ -126,6 +132,7 @@ class TFLiteReport:
             "int8_size_bytes": self.int8_size_bytes,
             "seconds": self.seconds,
             "calibration_images": self.calibration_images,
+            "calibration_source": self.calibration_source,
             "tensors": [vars(t) for t in self.tensors],
         }
 
@@ -501,7 +508,7 @@ def _weight_qsv(wq: WeightQuant, dim: int, ndim: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------------------------
-def _default_calibration(imgsz: tuple[int, int], n: int = 8) -> torch.Tensor:
+def _default_calibration(imgsz: tuple[int, int], n: int = CALIBRATION_IMAGES) -> torch.Tensor:
     """Synthetic-set scenes (the project's own generator) for the ranges no QAT quantizer covers."""
     rng = np.random.default_rng(0)
     ims = []
@@ -512,13 +519,24 @@ def _default_calibration(imgsz: tuple[int, int], n: int = 8) -> torch.Tensor:
     return torch.stack(ims)
 
 
+def _first_images(batches: Iterable[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first ``n`` images of ``batches``, each (1, C, H, W) float on the CPU (reading stops there: the batches
+    may come from a loader over a whole training set)."""
+    out: list[torch.Tensor] = []
+    for b in batches:
+        out += [im[None].float().cpu() for im in b[: n - len(out)]]
+        if len(out) >= n:
+            break
+    return out
+
+
 def export_tflite(
     model: nn.Module,
     path: str | Path,
     imgsz: int | tuple[int, int],
     metadata: dict | None = None,
     *,
-    calibration_images: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    calibration: CalibrationImages | None = None,
 ) -> tuple[Path, TFLiteReport]:
     """Export a QAT model to an int8 ``.tflite`` (every quantized conv int8, float decoding) carrying its ranges.
 
@@ -529,8 +547,9 @@ def export_tflite(
         metadata: Ultralytics-style metadata (``src.export.metadata.build_metadata``), embedded as the
             ``metadata.json`` zip entry ``LiteRTBackend`` reads. Detect models output input-relative box
             coordinates either way, as Ultralytics' own LiteRT export does.
-        calibration_images: NCHW float images in [0, 1] (a tensor or an iterable of batches) for the tensors no QAT
-            quantizer covers; default: 8 scenes from the synthetic-set generator.
+        calibration: Images for the tensors no QAT quantizer covers, of which the first :data:`CALIBRATION_IMAGES`
+            are used: the model's own data (training images letterboxed to ``imgsz``). None: as many scenes from
+            the synthetic-set generator, with a warning. The report records which.
 
     Returns:
         (written path, report).
@@ -544,13 +563,16 @@ def export_tflite(
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if calibration_images is None:
-        calibration_images = _default_calibration((h, w))
-    batches = [calibration_images] if isinstance(calibration_images, torch.Tensor) else list(calibration_images)
-    images = [im[None].float() for b in batches for im in b]
+    if calibration is None:
+        LOGGER.warning("TFLite: the ranges of the tensors no QAT quantizer covers (pre-SiLU conv outputs, "
+                       f"head logits) come from {CALIBRATION_IMAGES} synthetic images, not from the model's data; "
+                       "scores and boxes of a model trained on other images may be clipped. Pass --data <data.yaml> "
+                       "(train_qat.py) to calibrate them on its training images.")
+        calibration = CalibrationImages(SYNTHETIC_SOURCE, [_default_calibration((h, w))])
+    images = _first_images(calibration.batches, CALIBRATION_IMAGES)
     if not images or tuple(images[0].shape[2:]) != (h, w):
-        raise TFLiteExportError(f"calibration_images must be NCHW float images of size {h}x{w}, got "
-                                f"{tuple(images[0].shape) if images else 'none'}")
+        raise TFLiteExportError(f"calibration images ({calibration.source}) must be NCHW float images of size "
+                                f"{h}x{w}, got {tuple(images[0].shape) if images else 'none'}")
 
     inner, m = _export_copy(model, (h, w))
     quantizers = _activation_quantizers(m)
@@ -608,6 +630,7 @@ def export_tflite(
     report = _report(path, written, acts, via_concat, passthrough, pre_silu, wmatch)
     report.float_size_bytes, report.int8_size_bytes = float_size, path.stat().st_size
     report.seconds, report.calibration_images = time.perf_counter() - t0, len(images)
+    report.calibration_source = calibration.source
     LOGGER.info(f"TFLite: {report.summary()}")
     return path, report
 
@@ -765,8 +788,13 @@ def check(ctx: ExportContext) -> None:
 
 
 def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
-    """The .tflite and, beside it, the JSON report of where each int8 tensor's range came from."""
-    path, report = export_tflite(ctx.model, out_dir / f"{ctx.stem}.tflite", ctx.imgsz, ctx.metadata)
+    """The .tflite and, beside it, the JSON report of where each int8 tensor's range came from.
+
+    The tensors no QAT quantizer covers are calibrated on the run's own images (``ctx.calibration``), else on
+    synthetic ones.
+    """
+    path, report = export_tflite(ctx.model, out_dir / f"{ctx.stem}.tflite", ctx.imgsz, ctx.metadata,
+                                 calibration=ctx.calibration() if ctx.calibration else None)
     report_path = path.with_name(f"{ctx.stem}_tflite_ranges.json")
     report_path.write_text(json.dumps(report.to_dict(), indent=1))
     return [path, report_path]

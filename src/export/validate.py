@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0 = all passed, 1 = a gate failed, 2 = bad input.",
     )
     p.add_argument("--model", action="extend", nargs="+", required=True,
-                   help="export file(s) (.onnx, .xml, .tflite), *_openvino_model dir(s) or the --export-dir folder")
+                   help="export file(s) (.onnx, .xml, .tflite), *_openvino_model dir(s), the --export-dir folder or "
+                        "one of its format folders (<export-dir>/openvino)")
     p.add_argument("--data", required=True, help="dataset YAML")
     p.add_argument("--reference", help="QAT checkpoint the exports came from (default: mAP stored in the metadata)")
     p.add_argument("--json", help="write the results as JSON here")
