@@ -56,7 +56,7 @@ def _conv_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _fake_quant_switches(model: nn.Module) -> dict[str, bool]:
-    return {n: bool(q.fake_quant_enabled) for n, q in quantizers(model)}
+    return {n: q.fake_quantizing for n, q in quantizers(model)}
 
 
 def _restore_switches(model: nn.Module, state: dict[str, bool]) -> None:

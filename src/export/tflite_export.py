@@ -191,7 +191,7 @@ def _activation_quantizers(model: nn.Module) -> dict[int, ActivationQuant]:
             for k, q in m.qat_quantizers.items()}
     out: dict[int, ActivationQuant] = {}
     for name, q in model.named_modules():
-        if not isinstance(q, FakeQuantize) or q.is_weight or not bool(q.fake_quant_enabled):
+        if not isinstance(q, FakeQuantize) or q.is_weight or not q.fake_quantizing:
             continue
         if q.bit_width != 8:
             raise TFLiteExportError(
@@ -207,7 +207,7 @@ def _bake_weights(model: nn.Module) -> list[WeightQuant]:
     """Replace every quantized conv weight by its fake-quantized value and switch its quantizer off."""
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, QuantConv) or m.weight_quant is None or not bool(m.weight_quant.fake_quant_enabled):
+        if not isinstance(m, QuantConv) or m.weight_quant is None or not m.weight_quant.fake_quantizing:
             continue
         q = m.weight_quant
         if q.bit_width > STORAGE_BITS:

@@ -100,7 +100,7 @@ class QuantConv(_SiteMixin, nn.Module):
         q = self.weight_quant
         if q is None:
             return w
-        if q.training and bool(q.observer_enabled):
+        if q.training and q.observing:
             q.observer.reset()  # weight ranges follow the current weights, not their history
         return q(w)
 

@@ -52,7 +52,7 @@ def refresh_weight_qparams(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, QuantConv) and m.weight_quant is not None:
             q = m.weight_quant
-            if not bool(q.observer_enabled) or isinstance(q.scale, nn.Parameter):
+            if not q.observing or isinstance(q.scale, nn.Parameter):
                 continue
             was = q.training
             q.train()

@@ -107,8 +107,11 @@ class FakeQuantize(nn.Module):
             self.zero_point = nn.Parameter(zero_point.float())
         else:
             self.register_buffer("zero_point", zero_point.clone())
+        # The switches are buffers (saved, replicated) mirrored by Python flags, so the forward pass never reads a
+        # tensor back to the host: every change goes through enable_* or a state_dict load (copy_switches_from for EMA).
         self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.ones((), dtype=torch.uint8))
+        self._observing = self._fake_quantizing = True
 
     # -- properties --------------------------------------------------------------------------------------------------
     @property
@@ -140,11 +143,22 @@ class FakeQuantize(nn.Module):
         return self._signed
 
     # -- switches ----------------------------------------------------------------------------------------------------
+    @property
+    def observing(self) -> bool:
+        """The observer switch (``observer_enabled``), read without a device sync."""
+        return self._observing
+
+    @property
+    def fake_quantizing(self) -> bool:
+        """The fake-quant switch (``fake_quant_enabled``), read without a device sync."""
+        return self._fake_quantizing
+
     def enable_observer(self, flag: bool = True) -> "FakeQuantize":
         """Turn range observation on/off; switching it off finalizes scale/zero point from the observer."""
         if not flag:
             self._refresh_if_stale()
         self.observer_enabled.fill_(int(bool(flag)))
+        self._observing = bool(flag)
         return self
 
     def enable_fake_quant(self, flag: bool = True) -> "FakeQuantize":
@@ -152,7 +166,13 @@ class FakeQuantize(nn.Module):
         if flag:
             self._refresh_if_stale()
         self.fake_quant_enabled.fill_(int(bool(flag)))
+        self._fake_quantizing = bool(flag)
         return self
+
+    def copy_switches_from(self, other: "FakeQuantize") -> None:
+        """Take ``other``'s Python mirrors of its buffers after they were copied into this module's (the EMA does)."""
+        self._observing, self._fake_quantizing = other._observing, other._fake_quantizing
+        self.observer.copy_state_flags_from(other.observer)
 
     def freeze(self) -> "FakeQuantize":
         """Stop observing: the scale stays fixed (custom) or is learned from here on (lsq)."""
@@ -198,14 +218,15 @@ class FakeQuantize(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._stale = False  # a saved state is always refreshed (see _save_to_state_dict)
         self._from_data = True
+        self._observing, self._fake_quantizing = bool(self.observer_enabled), bool(self.fake_quant_enabled)
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
         """Observe (training + observer on) and fake-quantize (fake quant on) ``x``."""
         if self.export_mode:
             return self._export_forward(x)
-        observe = self.training and self.observer_enabled.item()
-        quantize = self.fake_quant_enabled.item()
+        observe = self.training and self._observing
+        quantize = self._fake_quantizing
         if not (observe or quantize):
             return x
         if x.device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(x.device.type):
@@ -245,7 +266,7 @@ class FakeQuantize(nn.Module):
         first, so the 8-bit Q/DQ pair reproduces the QAT numerics exactly; the ONNX graph then holds a Clip (or
         Max/Min per channel) before QuantizeLinear, which the export step may fold or rewrite.
         """
-        if not self.fake_quant_enabled.item():
+        if not self._fake_quantizing:
             return x
         if self._bit_width > vocab.STORAGE_BITS:
             raise QuantizationError(f"{self.name or 'quantizer'}: ONNX QDQ export supports at most "
@@ -283,7 +304,7 @@ class FakeQuantize(nn.Module):
         return (f"bits={self._bit_width}, {'signed' if self._signed else 'unsigned'}, {axis}, "
                 f"qrange=[{self._qmin}, {self._qmax}], symmetric={self._symmetric}, type={self.fq_type}, "
                 f"observer={self.observer.kind}, scale={s}, zero_point={z}, "
-                f"observer_enabled={bool(self.observer_enabled)}, fake_quant_enabled={bool(self.fake_quant_enabled)}")
+                f"observer_enabled={self._observing}, fake_quant_enabled={self._fake_quantizing}")
 
 
 def fake_quantizers(model: nn.Module) -> Iterator[FakeQuantize]:

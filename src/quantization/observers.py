@@ -57,7 +57,13 @@ class ObserverBase(nn.Module):
         self.sync_distributed = True
         # Set by the calibration loop while it runs (observers that average over batches weigh each one equally then)
         self.calibrating = False
+        # Set by the trainer: non-finite statistics raise a flag on the device instead of an error here, and the
+        # trainer reads all flags once per step with its own check of the loss (see nonfinite_observers)
+        self.defer_finite_check = False
         self._init_state()
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        # Python mirror of ``initialized``, so observing never reads a tensor back to the host
+        self._has_data = [False] * self.num_sites
 
     def _init_state(self) -> None:
         shape = (self.num_sites,) if self.ch_axis is None else (self.num_sites, self.num_channels)
@@ -105,7 +111,10 @@ class ObserverBase(nn.Module):
             cur_min, cur_max = cur_min.clone(), cur_max.clone()
             torch.distributed.all_reduce(cur_min, torch.distributed.ReduceOp.MIN)
             torch.distributed.all_reduce(cur_max, torch.distributed.ReduceOp.MAX)
-        check_finite_stats(cur_min, cur_max, self.name)
+        if self.defer_finite_check:
+            self.nonfinite |= ~(torch.isfinite(cur_min).all() & torch.isfinite(cur_max).all())
+        else:
+            check_finite_stats(cur_min, cur_max, self.name)
         self._update(x, site, cur_min, cur_max)
 
     def _distributed(self) -> bool:
@@ -123,29 +132,38 @@ class ObserverBase(nn.Module):
 
     def _first_observation(self, site: int, cur_min: torch.Tensor, cur_max: torch.Tensor) -> bool:
         """Take the first batch's min/max as the state of ``site``; False when the site already holds data."""
-        if self.initialized[site].item():
+        if self._has_data[site]:
             return False
         self.min_val[site].copy_(cur_min)
         self.max_val[site].copy_(cur_max)
         self.initialized[site] = 1
+        self._has_data[site] = True
         return True
 
     def reset(self) -> None:
         """Forget all statistics."""
         for buf in self.buffers(recurse=False):
             buf.zero_()
+        self._has_data = [False] * self.num_sites
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_data = [bool(v) for v in self.initialized.tolist()]
+
+    def copy_state_flags_from(self, other: "ObserverBase") -> None:
+        """Take ``other``'s Python mirrors after its buffers were copied into this observer's (the EMA does)."""
+        self._has_data = list(other._has_data)
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The float range to quantize (reduced over initialized sites), or None without data."""
-        if self.num_sites == 1:
-            return (self.min_val[0], self.max_val[0]) if self.initialized.item() else None
-        init = self.initialized.bool()
-        n = int(init.sum())
-        if n == 0:
+        sites = [i for i, seen in enumerate(self._has_data) if seen]
+        if not sites:
             return None
-        if n == self.num_sites:
+        if len(sites) == 1:
+            return self.min_val[sites[0]], self.max_val[sites[0]]
+        if len(sites) == self.num_sites:
             return self.min_val.amin(0), self.max_val.amax(0)
-        return self.min_val[init].amin(0), self.max_val[init].amax(0)
+        return self.min_val[sites].amin(0), self.max_val[sites].amax(0)
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` from the statistics via ``compute_qparams``.
@@ -506,6 +524,19 @@ class HistogramObserver(ObserverBase):
     def extra_repr(self) -> str:
         extra = f", percentile={self.percentile}" if self.method == "percentile" else ""
         return super().extra_repr() + f", bins={self.bins}, method={self.method}{extra}"
+
+
+def nonfinite_observers(observers: list[ObserverBase]) -> torch.Tensor:
+    """Whether any of ``observers`` flagged non-finite statistics since its flag was cleared (on the device)."""
+    return torch.stack([o.nonfinite for o in observers]).any()
+
+
+def take_nonfinite_names(observers: list[ObserverBase]) -> list[str]:
+    """Names of the observers that flagged non-finite statistics, clearing their flags (reads each: failure path)."""
+    names = [o.name or "observer" for o in observers if bool(o.nonfinite)]
+    for o in observers:
+        o.nonfinite.zero_()
+    return names
 
 
 def build_observer(qcfg, qmin: int, qmax: int, symmetric: bool, num_channels: int | None = None,

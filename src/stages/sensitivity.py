@@ -139,7 +139,7 @@ def measure_sensitivity(fp32_model: nn.Module, cfg, batches: list[dict], *, prog
                     conv.weight_quant.enable_fake_quant(False)
                 entry.sqnr_db[str(bits)] = meter.db()
                 bar.update(1)
-            assert not any(bool(q.fake_quant_enabled) for _, q in quantizers(model))
+            assert not any(q.fake_quantizing for _, q in quantizers(model))
             del model
     finally:
         bar.close()

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from src.quantization.fake_quantize import fake_quantizers
+
 
 class QATModelEMA:
     """EMA of parameters plus an exact copy of buffers.
@@ -50,6 +52,8 @@ class QATModelEMA:
         """Copy every buffer (quantizer switches, ranges, BN statistics) from the live model."""
         for be, bm in zip(self.ema.buffers(), model.buffers()):
             be.copy_(bm)
+        for qe, qm in zip(fake_quantizers(self.ema), fake_quantizers(model)):
+            qe.copy_switches_from(qm)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "state_dict": self.ema.state_dict()}

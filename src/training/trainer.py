@@ -28,8 +28,9 @@ from tqdm import tqdm
 from src.errors import QATError
 from src.integrations.torch_ops import is_batch_norm, is_norm_layer
 from src.integrations.ultralytics import set_model_args
-from src.models.yolov8_qat import qat_checkpoint, refresh_weight_qparams, set_observers
+from src.models.yolov8_qat import qat_checkpoint, quantizers, refresh_weight_qparams, set_observers
 from src.quantization.fake_quantize import FakeQuantize
+from src.quantization.observers import nonfinite_observers, take_nonfinite_names
 from src.quantization.utils import NonFiniteObservationError
 from src.training.checkpoint import atomic_save, rng_state, set_rng_state
 from src.training.data import build_loader, hyperparameters, preprocess_batch
@@ -188,6 +189,12 @@ class QATTrainer:
         fine_tuning = epoch >= self.qat_epochs
         freeze_obs = fine_tuning or (qp.freeze_observers_epoch is not None and epoch >= qp.freeze_observers_epoch)
         set_observers(self.model, not freeze_obs, histograms=False)
+        # observers that run in this epoch flag non-finite statistics on the device; the step reads them once
+        self._observers = [q.observer for _, q in quantizers(self.model) if q.observing]
+        # the EMA's weight observers re-derive ranges from averages of these weights: the live check covers them
+        ema_observers = [q.observer for _, q in quantizers(self.ema.ema)] if self.ema is not None else []
+        for o in self._observers + ema_observers:
+            o.defer_finite_check = True
         self.model.train()
         freeze_bn = fine_tuning or (qp.freeze_bn_epoch is not None and epoch >= qp.freeze_bn_epoch)
         if freeze_bn:
@@ -291,10 +298,7 @@ class QATTrainer:
                 g["lr"] = target
             batch = preprocess_batch(batch, self.device)
             with torch.autocast(self.device.type, enabled=self.amp):
-                try:
-                    preds = self.forward_model(batch["img"])
-                except NonFiniteObservationError as e:  # names the layer whose activations went NaN/inf
-                    raise _NonFinite(i, str(e)) from None
+                preds = self.forward_model(batch["img"])
                 loss, items = self.model.loss(batch, preds)
                 loss = loss.sum()
                 items = {k: float(v) for k, v in items.items()} if isinstance(items, dict) else \
@@ -306,13 +310,17 @@ class QATTrainer:
                 # DDP averages gradients over ranks (so do average_gradients for the adapters): x world_size, as
                 # Ultralytics does, on the whole sum so the extra term keeps its weight against the detection loss
                 loss = loss * self.world_size
-            finite = bool(torch.isfinite(loss))
+            finite = torch.isfinite(loss)
+            if self._observers:  # the observers' flags join the step's one read of the loss
+                finite = finite & ~nonfinite_observers(self._observers)
+            finite = bool(finite)
             if self.world_size > 1:  # every rank must take the same branch
                 flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
                 torch.distributed.all_reduce(flag)
                 finite = float(flag) == 0
             if not finite:
-                raise _NonFinite(i, "non-finite loss")
+                layers = take_nonfinite_names(self._observers) if self._observers else []
+                raise _NonFinite(i, str(NonFiniteObservationError(layers[0])) if layers else "non-finite loss")
             self.scaler.scale(loss).backward()
             if (i + 1) % accumulate == 0 or i == nb - 1:
                 if self.world_size > 1:
