@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from src.integrations.torch_ops import is_batch_norm, is_norm_layer, learnable_fake_quantize_backward
+from src.integrations.torch_ops import (
+    fused_fake_quantize_with_mask,
+    is_batch_norm,
+    is_norm_layer,
+    learnable_fake_quantize_backward,
+)
+from src.quantization.utils import fake_quantize_with_mask
 from src.integrations.ultralytics import (
     LAYER_ATTRS,
     block_modules,
@@ -186,6 +192,24 @@ def test_learnable_fake_quantize_backward_matches_autograd_of_reference(axis):
     torch.testing.assert_close(dx.double(), rx)
     torch.testing.assert_close(ds.double().reshape(-1), rs.reshape(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dz.double().reshape(-1), rz.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis,qmin,qmax,zero", [(None, 0, 255, False), (None, -127, 127, True), (1, -127, 127, True),
+                                                 (0, 0, 255, False)])
+def test_fused_fake_quantize_kernels_equal_the_vectorized_path(axis, qmin, qmax, zero):
+    """The one-pass kernels CUDA runs give exactly the values and mask of the CPU path (run here on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, generator=g) * 3
+    n = 1 if axis is None else x.shape[axis]
+    scale = (torch.rand(n, generator=g) * 0.05 + 0.01).reshape(() if axis is None else (n,))
+    zp = torch.zeros(scale.shape, dtype=torch.int32) if zero else torch.randint(60, 200, scale.shape, generator=g,
+                                                                                  dtype=torch.int32)
+    s_b = scale if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(4)])
+    v = x * (1.0 / s_b)
+    x = torch.where((v - v.floor() - 0.5).abs() < 1e-3, x + 1e-2 * s_b, x)  # off rounding midpoints
+    y_ref, mask_ref = fake_quantize_with_mask(x, scale, None if zero else zp, qmin, qmax, axis)
+    y, mask = fused_fake_quantize_with_mask(x, scale, zp, qmin, qmax, axis)
+    assert torch.equal(y, y_ref) and torch.equal(mask, mask_ref) and (~mask).any()
 
 
 def test_norm_layer_predicates():

@@ -279,3 +279,21 @@ def test_lsq_grad_factor_scales_only_the_qparam_gradients(axis):
     (x1, s1, z1), (x4, s4, z4) = grads[1.0], grads[0.25]
     assert torch.equal(x4, x1)
     assert torch.equal(s4, s1 * 0.25) and torch.equal(z4, z1 * 0.25) and s1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_ste_mask_of_a_known_zero_point_is_the_clipping_mask(axis):
+    """Symmetric signed quantizers (every weight) pass zero_point=None; their STE mask must still be in-range codes.
+
+    The mask was compared after the codes were scaled in place, so it was False almost everywhere and conv weights
+    got no gradient through the STE.
+    """
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    scale = torch.tensor(0.01) if axis is None else torch.tensor([0.01, 0.02, 0.005, 0.03])
+    y, mask = fake_quantize_with_mask(w, scale, None, -127, 127, axis)
+    y_ref, mask_ref = fake_quantize_with_mask(w, scale, torch.zeros(scale.shape, dtype=torch.int32), -127, 127, axis)
+    assert torch.equal(y, y_ref) and torch.equal(mask, mask_ref) and mask.float().mean() > 0.3 and (~mask).any()
+    x = w.clone().requires_grad_()
+    STEFakeQuant.apply(x, scale, None, -127, 127, axis).backward(torch.ones_like(w))
+    assert torch.equal(x.grad, mask_ref.float())

@@ -36,6 +36,24 @@ def learnable_fake_quantize_backward(
         grad_out, x, scale, zero_point, axis, qmin, qmax, grad_scale)
 
 
+def fused_fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                                  qmax: int, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's one-pass fake-quant kernels that also return the STE mask: ``(y, qmin <= round(x/s) + zp <= qmax)``.
+
+    Args:
+        x: fp32 input.
+        scale: fp32 scale(s); per-tensor: a single element (any shape), per-channel: 1-d along ``axis``.
+        zero_point: int32 zero point(s), same layout as ``scale``.
+        qmin: Smallest integer code.
+        qmax: Largest integer code.
+        axis: Channel axis for per-channel quantization; None for per-tensor.
+    """
+    if axis is None:  # the tensor-qparams variant: scale and zero point stay on the device (no host read)
+        return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale.reshape(1), zero_point.reshape(1), torch.ones(1, dtype=torch.long, device=x.device), qmin, qmax)
+    return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zero_point, axis, qmin, qmax)
+
+
 def is_batch_norm(module: nn.Module) -> bool:
     """Any batch norm (1d/2d/3d, lazy, synchronized): the modules whose running statistics ``eval()`` freezes."""
     return isinstance(module, _BatchNorm)
