@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from src.config import ModelConfig, QATParams, QuantizationConfig, TrainParams
+from src.config import ModelConfig, OverrideError, QATParams, QuantizationConfig, TrainParams
 from src.env import prepare_environment
 from src.errors import QATError
 from src.quantization.presets import PRESET_NAMES
@@ -23,6 +23,14 @@ DEFAULT_SAVE_DIR = "models/checkpoints/qat"
 DEFAULT_OUTPUT = "quantized_model.pt"
 DEFAULT_LOG_DIR = "logs/qat"
 DEFAULT_EXPORT_DIR = "models/exported"
+
+
+class _StoreGiven(argparse.Action):
+    """Stores the value and sets ``<dest>_given``: an explicit flag can mean more than its default value does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -76,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None, help=f"dataloader workers (default: {tp.workers})")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --save-dir")
     o = p.add_argument_group("output parameters")
-    o.add_argument("--save-dir", default=DEFAULT_SAVE_DIR, help="directory to save results")
+    o.add_argument("--save-dir", default=DEFAULT_SAVE_DIR, action=_StoreGiven,
+                   help="directory to save results (an existing QAT checkpoint only evaluated, exported or analysed: "
+                   f"its own folder unless --save-dir is given) (default: {DEFAULT_SAVE_DIR})")
+    p.set_defaults(save_dir_given=False)
     o.add_argument("--output", default=DEFAULT_OUTPUT, help="output model name")
     o.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="TensorBoard log directory")
     o.add_argument("--exist-ok", action="store_true",
@@ -85,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--distillation", action="store_true", default=None,
                    help=f"use knowledge distillation (default: qat_params.use_distillation = {qp.use_distillation})")
     a.add_argument("--teacher-model", default=None, help="teacher checkpoint (default: the FP32 source model)")
+    a.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the FP32 checkpoints this run opens (--model, --teacher-model, a QAT checkpoint's "
+                   "FP32 source) fully, which runs any code they hold: only for files you vouch for (default: load "
+                   "only what genuine Ultralytics checkpoints contain, refuse the rest)")
     a.add_argument("--mixed-precision", action="store_true", default=None,
                    help="sensitivity-driven per-layer bit widths (default: qat_params.use_mixed_precision = "
                    f"{qp.use_mixed_precision})")
@@ -99,23 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# dotted config key -> (argparse dest, the flag as a user types it); an invalid value is reported against the flag
+OVERRIDE_FLAGS = {
+    "train_params.epochs": ("epochs", "--epochs"),
+    "train_params.batch_size": ("batch_size", "--batch-size"),
+    "train_params.img_size": ("img_size", "--img-size"),
+    "train_params.lr": ("lr", "--lr"),
+    "train_params.seed": ("seed", "--seed"),
+    "train_params.workers": ("workers", "--workers"),
+    "train_params.device": ("device", "--device"),
+    "qat_params.fuse_modules": ("fuse", "--fuse"),
+    "qat_params.skip_detection_head": ("skip_head", "--skip-detection-head"),
+    "qat_params.use_distillation": ("distillation", "--distillation"),
+    "qat_params.use_mixed_precision": ("mixed_precision", "--mixed-precision"),
+    "distillation.teacher_model": ("teacher_model", "--teacher-model"),
+    "quantization.default_qconfig": ("qconfig", "--qconfig"),
+}
+
+
 def cli_overrides(args: argparse.Namespace) -> dict:
-    """Dotted config keys set explicitly on the command line (they win over the YAML)."""
-    pairs = {
-        "train_params.epochs": args.epochs,
-        "train_params.batch_size": args.batch_size,
-        "train_params.img_size": args.img_size,
-        "train_params.lr": args.lr,
-        "train_params.seed": args.seed,
-        "train_params.workers": args.workers,
-        "train_params.device": args.device,
-        "qat_params.fuse_modules": args.fuse,
-        "qat_params.skip_detection_head": args.skip_head,
-        "qat_params.use_distillation": args.distillation,
-        "qat_params.use_mixed_precision": args.mixed_precision,
-        "distillation.teacher_model": args.teacher_model,
-    }
+    """Dotted config keys set explicitly on the command line (they win over the YAML); --qconfig travels apart."""
+    pairs = {k: getattr(args, dest) for k, (dest, _) in OVERRIDE_FLAGS.items() if dest != "qconfig"}
     return {k: v for k, v in pairs.items() if v is not None}
+
+
+def error_line(err: Exception, args: argparse.Namespace) -> str:
+    """The one line printed for ``err``; an invalid flag value names the flag, not the config file."""
+    if isinstance(err, OverrideError) and err.key in OVERRIDE_FLAGS:
+        dest, flag = OVERRIDE_FLAGS[err.key]
+        return f"ERROR: {flag} {getattr(args, dest)}: {err} (config key {err.key})"
+    return f"ERROR: {err}"
 
 
 def setup_logging(level: str) -> None:
@@ -141,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         LOGGER.error("Interrupted.")
         return 130
-    except QATError as e:
+    except (QATError, OSError) as e:  # OSError: an output that became unwritable mid-run (disk full, permissions)
         if args.log_level == "debug":
             LOGGER.exception(str(e))
         else:
-            LOGGER.error(f"ERROR: {e}")
+            LOGGER.error(error_line(e, args))
         return 1

@@ -15,6 +15,7 @@ import contextvars
 import copy
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -43,6 +44,15 @@ def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
+
+
+class OverrideError(ConfigError):
+    """A command-line override (or ``--qconfig``) is invalid; ``key`` is its dotted config key, so the command line
+    can name the flag instead of the config file."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
 
 
 def _unknown_key_error(path: str, key: str, valid: typing.Iterable[str]) -> ConfigError:
@@ -129,6 +139,9 @@ def _check_choice(path: str, value: Any, choices: tuple, what: str = "value") ->
 
 
 def _check_range(path: str, value: float, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> None:
+    # nan fails every comparison and inf passes an open upper bound: neither is a usable setting
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: {value!r} is not a finite number; give a finite one")
     bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
         hi is not None and (value > hi or (hi_open and value == hi))
     )
@@ -813,7 +826,10 @@ def build_config(
         raise ConfigError(f"quantization: expected a mapping, got {type(quant).__name__} {quant!r}")
     quant = dict(quant or {})
     if qconfig is not None:
-        get_preset(qconfig)
+        try:
+            get_preset(qconfig)
+        except ConfigError as err:
+            raise OverrideError("quantization.default_qconfig", str(err)) from None
         replaced = [s for s in ("weight", "activation", "fake_quantize") if s in quant]
         for section in replaced:
             quant.pop(section)
@@ -845,18 +861,27 @@ def build_config(
                 node[part] = {}
             node = node[part]
         node[leaf] = copy.deepcopy(value)
-    return QATConfig.from_dict(merged)
+    try:
+        return QATConfig.from_dict(merged)
+    except ConfigError as err:
+        key = str(err).split(":", 1)[0]  # every field error starts with its key path
+        if key in overrides:
+            raise OverrideError(key, str(err).split(":", 1)[1].strip()) from None
+        raise
 
 
 def config_from_yaml(
     text: str, cli_overrides: Mapping[str, Any] | None = None, qconfig: str | None = None
 ) -> QATConfig:
     """Parse YAML text and build the config with the same layering as :func:`load_config`."""
+    return build_config(_parse_yaml(text), cli_overrides, qconfig)
+
+
+def _parse_yaml(text: str) -> Any:
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config YAML does not parse: {err}") from None
-    return build_config(data, cli_overrides, qconfig)
 
 
 def load_config(
@@ -883,6 +908,7 @@ def load_config(
 
     Raises:
         ConfigError: missing file, bad YAML, unknown key, wrong type or value.
+        OverrideError: an invalid ``cli_overrides`` value or ``qconfig`` (not prefixed with the file's name).
     """
     if path is None:
         return build_config(None, cli_overrides, qconfig)
@@ -892,6 +918,13 @@ def load_config(
             f"config file {str(path)!r} not found; pass an existing --config (e.g. configs/qat_config.yaml)"
         )
     try:
-        return config_from_yaml(path.read_text(), cli_overrides, qconfig)
+        data = _parse_yaml(path.read_text())
+        if data is None:
+            LOGGER.warning(f"config file {path} is empty: using the built-in defaults (layer_configs is empty, "
+                           "unlike the shipped configs/qat_config.yaml); fill it in or pass --config "
+                           "configs/qat_config.yaml")
+        return build_config(data, cli_overrides, qconfig)
+    except OverrideError:
+        raise  # the flag's fault, not the file's
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

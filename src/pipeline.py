@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 from src.data.resolve import load_fp32_source
+from src.models.yolov8_qat import FP32_METRICS_KEY
 
 from src.stages.analyze import analyze_stage
 from src.stages.calibrate import calibrate_stage
@@ -13,6 +15,7 @@ from src.stages.context import RunContext, RunRequest
 from src.stages.device import leave_distributed
 from src.stages.evaluate import evaluate_stage
 from src.stages.export import export_stage
+from src.stages.files import check_writable
 from src.stages.mixed_precision import mixed_precision_stage
 from src.stages.prepare import prepare_model, record_run
 from src.stages.resolve import StartingPoint, resolve_resume, resolve_run
@@ -24,6 +27,7 @@ LOGGER = logging.getLogger("yolov8_qat")
 def run(args, overrides: dict) -> dict:
     """Run the pipeline for parsed CLI ``args``; returns a summary dict (paths and metrics)."""
     request = RunRequest.from_args(args)
+    check_output_dirs(request)
     if request.resume:
         return resume(request, overrides)
     ctx, start = resolve_run(request, overrides)
@@ -44,7 +48,7 @@ def run(args, overrides: dict) -> dict:
     ptq_state = copy.deepcopy(model.state_dict()) \
         if start.qat_model is None and ctx.analyze and cfg.train_params.epochs > 0 else None
     stage = "ptq" if cfg.train_params.epochs == 0 else "qat"
-    extra = {"fp32_source": ctx.fp32_source, "stage": stage, "data": ctx.data_yaml}
+    extra = {"fp32_source": ctx.fp32_source, FP32_METRICS_KEY: ctx.fp32_metrics, "stage": stage, "data": ctx.data_yaml}
     final = model
     if cfg.train_params.epochs > 0 or (cfg.qat_params.post_qat_fine_tuning and cfg.qat_params.fine_tuning_epochs):
         final = train_stage(ctx, model, extra, fp32_model=start.fp32_model)
@@ -61,10 +65,20 @@ def run(args, overrides: dict) -> dict:
     if ctx.export or ctx.validate_exports:
         summary["exports"] = export_stage(ctx, final, out_path)
     if ctx.analyze:
-        analyze_stage(ctx, final, start.fp32_model, stage, ptq_state=ptq_state, mixed_precision=mp)
+        analyze_stage(ctx, final, start.fp32_model, stage, ptq_state=ptq_state, mixed_precision=mp,
+                      exports=summary.get("exports"))
     LOGGER.info(f"Results saved to {ctx.run_dir}")
     summary["run_dir"] = str(ctx.run_dir)
     return summary
+
+
+def check_output_dirs(request: RunRequest) -> None:
+    """Every folder the run may write to is writable, before any model or data work."""
+    dirs = {"--save-dir": request.save_dir, "--log-dir": request.log_dir}
+    if request.export or request.validate_exports:
+        dirs["--export-dir"] = request.export_dir
+    for flag, path in dirs.items():
+        check_writable(Path(path), flag)
 
 
 def reuse_checkpoint(ctx: RunContext, start: StartingPoint) -> dict:
@@ -75,7 +89,7 @@ def reuse_checkpoint(ctx: RunContext, start: StartingPoint) -> dict:
     if ctx.export or ctx.validate_exports:
         summary["exports"] = export_stage(ctx, start.qat_model, start.checkpoint)
     if ctx.analyze:
-        analyze_stage(ctx, start.qat_model, start.fp32_model, start.label)
+        analyze_stage(ctx, start.qat_model, start.fp32_model, start.label, exports=summary.get("exports"))
     return summary
 
 
@@ -89,6 +103,7 @@ def resume(request: RunRequest, overrides: dict) -> dict:
     out = save_model(ctx, final, start.extra, "qat")
     summary = {"model": str(out), "run_dir": str(ctx.run_dir)}
     if ctx.eval:  # the FP32 row: loaded only now, so a moved source cannot cost the training
-        fp32_model = load_fp32_source(ctx.fp32_source, ctx.cfg.model.variant)
+        fp32_model = load_fp32_source(ctx.fp32_source, ctx.cfg.model.variant, required=False,
+                                      trusted=ctx.trust_checkpoint)
         summary["metrics"] = evaluate_stage(ctx, final, fp32_model, "qat")
     return summary

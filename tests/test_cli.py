@@ -94,7 +94,7 @@ def test_train_eval_export_offline_writes_every_output(tiny_dataset, tmp_path, s
         assert (run / f).exists(), f
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"fp32", "qat"} and {"map50", "map50_95", "per_class"} <= set(metrics["qat"])
-    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "logs" / "qat").glob("events.out.tfevents.*"))  # one sub-folder per run
     ckpt = torch.load(run / "quantized_model.pt", weights_only=True)  # no pickled classes
     assert ckpt["stage"] == "qat" and "state_dict" in ckpt
     header = (run / "results.csv").read_text().splitlines()[0]

@@ -285,3 +285,18 @@ def test_quantizer_recipe_manager_drives_a_calibrator_with_its_own_update_rule(f
     qsvs = cal.get_model_qsvs()
     assert qsvs and all({"min", "max"} <= set(v) for v in qsvs.values())
     assert True in calls  # the second image updated the first one's ranges through our rule
+
+
+def test_ultralytics_image_open_patch_has_the_plugin_flag_report_unreadable_images_sets():
+    """``report_unreadable_images`` relies on ``ultralytics.utils.patches._pil_plugins_registered``: without pi-heif,
+    an unreadable image then fails with Pillow's own error, not "No module named 'pi_heif'"."""
+    import importlib.util
+
+    from ultralytics.utils import patches
+
+    from src.integrations.ultralytics import report_unreadable_images
+
+    assert hasattr(patches, "_pil_plugins_registered")
+    report_unreadable_images()
+    if importlib.util.find_spec("pi_heif") is None:
+        assert patches._pil_plugins_registered is True

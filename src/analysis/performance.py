@@ -46,18 +46,14 @@ def collect_map(out_dir: Path, models: dict[str, nn.Module | None], data_yaml: s
     return out
 
 
-def export_latency(export_dir: Path | None, imgsz: int, warmup: int = 3, rounds: int = 15) -> list[dict]:
-    """Median/IQR batch-1 latency of every export found under ``export_dir`` (empty when there are none).
+def export_latency(exports: list[Path], imgsz: int, warmup: int = 3, rounds: int = 15) -> list[dict]:
+    """Median/IQR batch-1 latency of ``exports`` (the run's own export files; empty when it made none).
 
     Uses validate_exports' discovery and interleaved timing; threads = torch's intra-op thread count.
     """
-    if export_dir is None or not Path(export_dir).is_dir():
+    if not exports:
         return []
-    try:
-        targets = discover([str(export_dir)])
-    except Exception as err:  # an empty or foreign folder: nothing to time
-        LOGGER.info(f"analysis: no exports timed in {export_dir} ({err})")
-        return []
+    targets = discover([str(p) for p in exports])
     threads = torch.get_num_threads()
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     rows = []

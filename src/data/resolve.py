@@ -5,16 +5,19 @@ such as ``yolov8n.yaml`` from the ultralytics package, for random init) or a QAT
 checkpoint of this toolkit; ``--data`` names an Ultralytics data YAML. Everything
 missing fails at once with an error that lists where it looked and what to do.
 
-Ultralytics checkpoints are pickles of whole modules, so opening one runs code from the
-file. They are unpickled only by ``load_fp32_model``, i.e. when the user named them;
-``resolve_model_path`` only peeks with ``torch.load(weights_only=True)``, which refuses
-such pickles (that refusal is how they are told apart from QAT checkpoints, which are
+Ultralytics checkpoints are pickles of whole modules, and a pickle can run any code on load.
+``load_fp32_model`` therefore unpickles them with Ultralytics' restricted loading (the classes
+genuine checkpoints hold, nothing else) and refuses any other file, naming what it would
+import and the way out (``--trust-checkpoint``: full unpickling of a file the user vouches
+for). ``resolve_model_path`` only peeks with ``torch.load(weights_only=True)``, which refuses
+module pickles (that refusal is how they are told apart from QAT checkpoints, which are
 plain dicts of tensors and builtins).
 """
 
 from __future__ import annotations
 
 import pickle
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +27,7 @@ import yaml
 
 from src.env import REPO_ROOT, prepare_environment
 from src.errors import DataError, ModelLoadError, ModelNotFoundError
-from src.integrations.ultralytics import set_model_args
+from src.integrations.ultralytics import load_detection_checkpoint, set_model_args
 
 # A QAT checkpoint is a torch.save'd dict holding this key (its value: the format version).
 QAT_CHECKPOINT_KEY = "yolov8_qat"
@@ -170,13 +173,15 @@ def _packaged_model_yaml(name: str) -> dict | None:
     return cfg if "backbone" in cfg and "head" in cfg else None  # a dataset YAML of the same name is not a model
 
 
-def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
+def load_fp32_model(resolved: ResolvedModel, nc: int | None = None, *, trusted: bool = False):
     """Build or load the float model a resolved ``--model`` names.
 
     Args:
         resolved: From resolve_model_path(); kind "checkpoint" or "yaml".
         nc: Number of classes for a YAML model (its own nc if None). Ignored for checkpoints,
             whose head is already sized.
+        trusted: The user vouches for the checkpoint (``--trust-checkpoint``): unpickle it fully, which
+            runs any code it holds. Otherwise only what genuine Ultralytics checkpoints contain loads.
 
     Returns:
         An ultralytics DetectionModel in float32 on CPU, in eval mode, with every parameter
@@ -184,7 +189,8 @@ def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
         of training hyperparameters (the checkpoint's, else ultralytics' defaults).
 
     Raises:
-        ModelLoadError: A QAT checkpoint, a non-detection model, or an unreadable file.
+        ModelLoadError: A QAT checkpoint, a non-detection model, an unreadable file, or (unless
+            ``trusted``) a file holding anything besides what Ultralytics checkpoints contain.
     """
     prepare_environment()
     if resolved.kind == "qat_checkpoint":
@@ -195,7 +201,7 @@ def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
     if resolved.kind == "yaml":
         model = _build_from_yaml(resolved, nc)
     else:
-        model = _load_ultralytics_checkpoint(Path(resolved.path))
+        model = _load_ultralytics_checkpoint(Path(resolved.path), trusted)
     model = model.float().cpu().eval()
     # checkpoints store weights with gradients off; DFL's fixed integral conv stays frozen, as in Ultralytics' trainer
     for name, p in model.named_parameters():
@@ -203,17 +209,20 @@ def load_fp32_model(resolved: ResolvedModel, nc: int | None = None):
     return model
 
 
-def load_fp32_source(source: str | None, variant: str, *, required: bool = True):
+def load_fp32_source(source: str | None, variant: str, *, required: bool = True, trusted: bool = False):
     """The float model a QAT checkpoint names as its ``fp32_source``; None when there is none.
+
+    The path comes from inside a file, so it loads like ``--model`` does: restricted unless ``trusted``.
 
     Args:
         source: The recorded path.
         variant: ``model.variant`` (resolution of a bare name).
         required: Load even a file that is gone (its not-found error names the fix); else skip it.
+        trusted: As for :func:`load_fp32_model`.
     """
     if not source or not (required or Path(source).exists()):
         return None
-    return load_fp32_model(resolve_model_path(source, variant))
+    return load_fp32_model(resolve_model_path(source, variant), trusted=trusted)
 
 
 def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
@@ -240,13 +249,21 @@ def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
     return model
 
 
-def _load_ultralytics_checkpoint(path: Path):
+def _load_ultralytics_checkpoint(path: Path, trusted: bool):
     # deferred: Ultralytics reads its environment at import, after prepare_environment()
-    from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint
+    from ultralytics.nn.tasks import DetectionModel, guess_model_task
 
     try:
-        model, _ = load_checkpoint(path, device="cpu")
+        model = load_detection_checkpoint(path, trusted=trusted)
     except Exception as err:  # the loader fails in many ways (TypeError, AttributeError, ImportError, ...): all mean "unusable file"
+        refused = [] if trusted else _unsafe_globals(path)
+        if refused:
+            raise ModelLoadError(
+                f"{path} was not loaded: unpickling it would import {', '.join(refused)}, which Ultralytics "
+                "checkpoints do not contain, and a pickle can run code on load. If you vouch for this file, pass "
+                "--trust-checkpoint to unpickle it fully; otherwise use a checkpoint saved by Ultralytics "
+                "(e.g. a trainer's weights/best.pt)."
+            ) from err
         raise ModelLoadError(
             f"{path} could not be loaded as an Ultralytics checkpoint ({type(err).__name__}: {_plain(err)}). "
             "Pass a detection checkpoint saved by Ultralytics 8.x (e.g. a trainer's weights/best.pt), "
@@ -262,13 +279,49 @@ def _load_ultralytics_checkpoint(path: Path):
     return model
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """What ``path`` imports beyond weights-only loading's allow-list, found statically (nothing in it runs)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except ValueError:  # not a torch.save archive: a raw pickle, which Ultralytics never writes; all it imports
+        return _pickle_globals(path.read_bytes())
+    except (RuntimeError, OSError):  # a damaged archive: no refusal to report
+        return []
+
+
+# pickletools opcodes that push a string (a STACK_GLOBAL's module and name are the two pushed last)
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every class or function a raw pickle imports, disassembled by pickletools."""
+    found, last, memo = set(), [None, None], {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "MEMOIZE":
+                memo[len(memo)] = last[-1]
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = last[-1]
+            else:
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and all(isinstance(s, str) for s in last):
+                    found.add(".".join(last))
+                value = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else \
+                    arg if op.name in _STRING_OPS else None
+                last = [last[-1], value]
+    except ValueError:  # truncated or not a pickle after all: report what was read
+        pass
+    return sorted(found)
+
+
 def _plain(err: BaseException) -> str:
     """First line of an ultralytics error, without its emoji decoration."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return text.replace("ERROR ❌️ ", "")[:300]
 
 
-def resolve_data(data: str | Path) -> dict[str, Any]:
+def resolve_data(data: str | Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
     """Check an Ultralytics data YAML and the image folders it names, without downloading.
 
     Run this before any model work so a missing dataset fails in seconds.
@@ -276,6 +329,7 @@ def resolve_data(data: str | Path) -> dict[str, Any]:
     Args:
         data: Path to a data YAML, a folder holding data.yaml, or the name of a dataset YAML
             shipped with ultralytics (e.g. coco.yaml; its images must already be local).
+        splits: The splits whose images must exist (an evaluation-only run reads no training images).
 
     Returns:
         ultralytics' checked dataset dict (``nc``, ``names``, absolute ``train``/``val``, ``path``, ...).
@@ -292,7 +346,7 @@ def resolve_data(data: str | Path) -> dict[str, Any]:
     yaml_path = _find_data_yaml(text)
     raw = _read_yaml(yaml_path)
     root = _dataset_root(raw, yaml_path)
-    for split in ("train", "val", "test"):
+    for split in splits:
         _check_split(raw, split, root, yaml_path)
 
     # deferred: Ultralytics reads its environment at import, after prepare_environment()

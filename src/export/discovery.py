@@ -49,7 +49,19 @@ def discover(paths: list[str]) -> list[Target]:
             targets.extend(found)
         else:
             targets.append(Target(p, _format_of(p)))
+    for t in targets:
+        _check_companions(t)
     return targets
+
+
+def _check_companions(t: Target) -> None:
+    """The files an export needs beside its main artifact (an IR's .bin) are there: the runtime would otherwise fail
+    on a temporary copy's path."""
+    missing = [t.path.with_suffix(c) for c in t.spec.companions if not t.path.with_suffix(c).is_file()]
+    if missing:
+        raise ValidationInputError(f"--model {t.path}: {missing[0]} is missing; {t.format} exports are the "
+                                   f"{t.path.suffix} file and its {', '.join(t.spec.companions)} side by side, copy "
+                                   "both")
 
 
 def _discover_dir(d: Path) -> list[Target]:

@@ -113,7 +113,7 @@ def export_onnx(
         proto.ir_version = MAX_IR_VERSION
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-    LOGGER.info(f"ONNX QDQ export: {path} ({path.stat().st_size / 1e6:.2f} MB, {count_qdq(proto)[1]} Q/DQ pairs)")
+    LOGGER.debug(f"ONNX QDQ export: {path} ({path.stat().st_size / 1e6:.2f} MB, {count_qdq(proto)[1]} Q/DQ pairs)")
     return path
 
 

@@ -86,7 +86,7 @@ def export_openvino(onnx_path: str | Path, out_dir: str | Path, stem: str, metad
     if metadata:
         export_metadata.write_metadata_yaml(metadata, out_dir)
     size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
-    LOGGER.info(f"OpenVINO IR export: {xml} ({size:.2f} MB)")
+    LOGGER.debug(f"OpenVINO IR export: {xml} ({size:.2f} MB)")
     return xml
 
 

@@ -15,8 +15,12 @@ For each export (ONNX, OpenVINO IR, TensorRT-ready ONNX, int8 TFLite):
   whose input and weight tensors are int8, against the number of quantized convs recorded in the metadata;
 * file size.
 
-Exit status: 0 all passed, 1 some export failed the gate (mAP off by more than ``--tolerance`` points, or a quantized
-conv in float), 2 bad input (missing file, unsupported format, ...).
+Without a reference mAP (no ``--reference`` and none in the metadata) the accuracy gate does not run: the table shows
+``n/a`` and the JSON ``"accuracy_gate": "not run: no reference"``; ``--require-reference`` makes that a failure.
+
+Exit status: 0 all passed, 1 some export failed the gate (mAP off by more than ``--tolerance`` points, a quantized
+conv in float, or no reference under ``--require-reference``), 2 bad input (missing, corrupt or incomplete file,
+unsupported format, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,6 +55,7 @@ from src.training.checkpoint import load_checkpoint_file
 LOGGER = logging.getLogger("yolov8_qat")
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+GATE_PASSED, GATE_FAILED, GATE_NOT_RUN = "passed", "failed", "not run: no reference"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -77,6 +83,7 @@ class ExportResult:
     expected_quantized_convs: int | None = None
     tensorrt_violations: list[str] | None = None
     size_mb: float | None = None
+    accuracy_gate: str | None = None  # GATE_PASSED, GATE_FAILED or GATE_NOT_RUN
     passed: bool | None = None
     reasons: list[str] = field(default_factory=list)
 
@@ -86,9 +93,24 @@ def map_within_tolerance(map50_95: float, reference: float, tolerance_points: fl
     return abs(map50_95 - reference) * 100.0 <= tolerance_points + 1e-9
 
 
+@contextmanager
+def reading(t: Target):
+    """Turns a runtime's failure to open or run ``t`` into bad input (exit 2) naming the user's path: an export that
+    cannot be loaded is not one that drifted."""
+    try:
+        yield
+    except QATError:
+        raise
+    except Exception as err:  # onnx DecodeError, OpenVINO/ORT RuntimeError, ... differ by runtime
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValidationInputError(f"--model {t.path}: the {t.format} export cannot be read ({type(err).__name__}: "
+                                   f"{first}); export it again") from err
+
+
 def export_metadata(t: Target) -> dict:
     """The export's metadata (ONNX ``metadata_props``, ``metadata.yaml``, or a .tflite's ``metadata.json``)."""
-    return hooks(t.spec).read_metadata(t.path)
+    with reading(t):
+        return hooks(t.spec).read_metadata(t.path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -192,8 +214,8 @@ def load_reference(path: str | None, data: str, imgsz: int, device: str, work: P
                                    "(e.g. models/checkpoints/qat/quantized_model.pt)")
     try:
         ckpt = load_checkpoint_file(p)
-    except Exception as e:
-        raise ValidationInputError(f"--reference {path}: cannot be read as a checkpoint ({type(e).__name__}: {e})")
+    except QATError as e:
+        raise ValidationInputError(f"--reference {e}") from None
     if not isinstance(ckpt, dict) or QAT_CHECKPOINT_KEY not in ckpt:
         raise ValidationInputError(f"--reference {path}: not a QAT checkpoint written by train_qat.py")
     model, _ = build_from_checkpoint(ckpt)
@@ -216,8 +238,13 @@ def validate(
     warmup: int = 10,
     runs: int = 50,
     parity_count: int = 8,
+    require_reference: bool = False,
 ) -> list[ExportResult]:
-    """Validate every export; see the module docstring. Returns one result per export."""
+    """Validate every export; see the module docstring. Returns one result per export.
+
+    Args:
+        require_reference: An export without a reference mAP fails instead of passing with the accuracy gate not run.
+    """
     if not Path(data).is_file():
         raise ValidationInputError(f"--data {data}: no such file; pass the dataset YAML the model was trained on")
     targets = discover(models)
@@ -244,7 +271,8 @@ def validate(
             qmeta = meta.get(QUANT_KEY) or {}
             r.expected_quantized_convs = ref.quantized_convs if ref.quantized_convs is not None else \
                 qmeta.get("quantized_convs")
-            r.map50, r.map50_95 = export_map(t, data, imgsz, device, work)
+            with reading(t):
+                r.map50, r.map50_95 = export_map(t, data, imgsz, device, work)
             if ref.map50_95 is not None:
                 r.reference_map50_95, r.reference_source = ref.map50_95, f"--reference {ref.path}"
             elif meta.get(REFERENCE_KEY):
@@ -255,7 +283,8 @@ def validate(
                                    f"this validation runs at {imgsz}px")
             r.int8_convs, r.float_conv_names, r.tensorrt_violations = int8_coverage(t, r.expected_quantized_convs)
             r.float_convs = len(r.float_conv_names)
-            runs_here = runners_for(t, threads)
+            with reading(t):
+                runs_here = runners_for(t, threads)
             for k, run in runs_here.items():
                 variants[(i, k)] = run
             if ref_out is not None:
@@ -273,16 +302,25 @@ def validate(
                 else:
                     results[i].latency_f32_ms = round(med, 3)
     for r in results:
-        _judge(r, tolerance)
+        _judge(r, tolerance, require_reference)
     return results
 
 
-def _judge(r: ExportResult, tolerance: float) -> None:
+def _judge(r: ExportResult, tolerance: float, require_reference: bool = False) -> None:
     if r.reference_map50_95 is None:
-        LOGGER.warning(f"{r.path}: no reference mAP (no --reference and none in the metadata): mAP is not gated")
+        r.accuracy_gate = GATE_NOT_RUN
+        if require_reference:
+            r.reasons.append(f"no reference mAP (no --reference and none in the metadata) and --require-reference is "
+                             "set; pass --reference <the QAT checkpoint the export came from>")
+        else:
+            LOGGER.warning(f"{r.path}: no reference mAP (no --reference and none in the metadata): the accuracy gate "
+                           "does not run")
     elif not map_within_tolerance(r.map50_95, r.reference_map50_95, tolerance):
+        r.accuracy_gate = GATE_FAILED
         r.reasons.append(f"mAP50-95 {r.map50_95:.4f} differs from the reference {r.reference_map50_95:.4f} by "
                          f"{abs(r.map50_95 - r.reference_map50_95) * 100:.2f} points (> {tolerance} tolerance)")
+    else:
+        r.accuracy_gate = GATE_PASSED
     if r.float_convs:
         r.reasons.append(f"{r.float_convs} quantized conv(s) run in float: " + "; ".join(r.float_conv_names))
     if r.tensorrt_violations:
@@ -290,8 +328,8 @@ def _judge(r: ExportResult, tolerance: float) -> None:
     r.passed = not r.reasons
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def _fmt(v, spec: str, missing: str = "-") -> str:
+    return missing if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def table(results: list[ExportResult]) -> str:
@@ -302,13 +340,16 @@ def table(results: list[ExportResult]) -> str:
         delta = None if r.reference_map50_95 is None else (r.map50_95 - r.reference_map50_95) * 100
         lines.append(
             f"{r.format:<9} {_fmt(r.map50, '.4f'):>7} {_fmt(r.map50_95, '.4f'):>8} "
-            f"{_fmt(r.reference_map50_95, '.4f'):>7} {_fmt(delta, '+.2f'):>6} {_fmt(r.max_abs_err, '.3g'):>9} "
+            f"{_fmt(r.reference_map50_95, '.4f', 'n/a'):>7} {_fmt(delta, '+.2f', 'n/a'):>6} {_fmt(r.max_abs_err, '.3g'):>9} "
             f"{_fmt(r.cosine, '.6f'):>9} {_fmt(r.latency_ms, '.2f'):>7} {_fmt(r.latency_f32_ms, '.2f'):>7} "
             f"{_fmt(r.threads, 'd'):>3} {_fmt(r.int8_convs, 'd'):>4} {_fmt(r.float_convs, 'd'):>5} "
             f"{_fmt(r.size_mb, '.2f'):>6}  {'PASS' if r.passed else 'FAIL':<6}  {r.path}")
     for r in results:
         for reason in r.reasons:
             lines.append(f"FAIL {r.path}: {reason}")
+        if r.accuracy_gate == GATE_NOT_RUN and r.passed:
+            lines.append(f"NOTE {r.path}: accuracy gate not run (no reference mAP; pass --reference <QAT checkpoint>, "
+                         "or --require-reference to fail instead)")
     return "\n".join(lines)
 
 
@@ -337,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset YAML")
     p.add_argument("--reference", help="QAT checkpoint the exports came from (default: mAP stored in the metadata)")
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--require-reference", action="store_true",
+                   help="fail an export that has no reference mAP (default: pass it with the accuracy gate not run)")
     p.add_argument("--tolerance", type=float, default=0.5, help="allowed |mAP50-95 drift| in points (0.5 = 0.005)")
     p.add_argument("--imgsz", type=int, help="image size (default: the exports' metadata)")
     p.add_argument("--device", default="cpu", help="device for the validators (default cpu)")
@@ -360,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_environment()
         results = validate(args.model, args.data, reference=args.reference, tolerance=args.tolerance,
                            imgsz=args.imgsz, device=args.device, threads=args.threads, warmup=args.warmup,
-                           runs=args.runs, parity_count=args.parity_images)
+                           runs=args.runs, parity_count=args.parity_images, require_reference=args.require_reference)
     except KeyboardInterrupt:
         LOGGER.error("Interrupted.")
         return 130
@@ -372,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     print(table(results))
     if args.json:
-        out = write_json(results, args.json, tolerance_points=args.tolerance, data=str(args.data))
+        out = write_json(results, args.json, tolerance_points=args.tolerance, data=str(args.data),
+                         require_reference=args.require_reference)
         LOGGER.info(f"Results written to {out}")
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAILED

@@ -7,6 +7,7 @@ module must not pull Ultralytics in before ``src.env.prepare_environment()`` has
 from __future__ import annotations
 
 import functools
+import importlib.util
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -92,3 +93,42 @@ def normalize_coords_wrapper(model: nn.Module, height: int, width: int, nc: int)
     from ultralytics.utils.export.engine import _NormalizeCoords  # private; deferred: loads the exporter
 
     return _NormalizeCoords(model, height, width, "detect", int(nc), None).eval()
+
+
+def load_detection_checkpoint(path, *, trusted: bool = False) -> nn.Module:
+    """The float model of an Ultralytics checkpoint file, through Ultralytics' own ``load_checkpoint``.
+
+    Unless ``trusted``, the file is unpickled by Ultralytics' restricted loading: ``torch.load(weights_only=True)``
+    with an allow-list of what genuine checkpoints (8.0-8.4 and the release assets) hold -- its ``nn`` modules and
+    models, ``torch.nn`` modules, ``IterableSimpleNamespace``, numpy scalars and dtypes, legacy module aliases -- so
+    nothing in the file runs. That mode is Ultralytics' opt-in ``SAFE_LOAD`` switch, which ``torch_safe_load`` reads
+    on every call; it is set only around this call. ``trusted`` is the full unpickling (code in the file runs).
+
+    Raises:
+        Whatever Ultralytics raises for an unusable file; a refused global surfaces as a TypeError caused by
+        ``pickle.UnpicklingError``.
+    """
+    # deferred: Ultralytics must be imported after src.env.prepare_environment()
+    from ultralytics.nn import tasks
+
+    previous = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = not trusted
+    try:
+        model, _ = tasks.load_checkpoint(path, device="cpu")
+    finally:
+        tasks.SAFE_LOAD = previous
+    return model
+
+
+def report_unreadable_images() -> None:
+    """Let an unreadable image's own error reach Ultralytics' "ignoring corrupt image" warning.
+
+    Ultralytics' ``PIL.Image.open`` patch answers a file Pillow cannot identify by importing the pi-heif plugin; where
+    pi-heif is not installed (offline, no auto-install) the reason then reads "No module named 'pi_heif'". Marking
+    the plugin as registered keeps Pillow's "cannot identify image file ..." instead.
+    """
+    if importlib.util.find_spec("pi_heif") is None:
+        # deferred: Ultralytics must be imported after src.env.prepare_environment()
+        from ultralytics.utils import patches
+
+        patches._pil_plugins_registered = True

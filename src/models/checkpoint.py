@@ -15,13 +15,19 @@ from src.models.switches import is_qat_model
 
 QAT_CHECKPOINT_KEY = "yolov8_qat"
 QAT_FORMAT_VERSION = 1
+# The FP32 source's mAP as plain data ({"map50", "map50_95", "imgsz", "data"}), stored once a run has evaluated it:
+# the FP32 row of a later --eval when the file ``fp32_source`` names is not at hand. Older checkpoints lack it.
+FP32_METRICS_KEY = "fp32_metrics"
+# ``model_yaml`` keys that fix the architecture (QAT keeps the FP32 model's YAML; the rest is bookkeeping)
+ARCHITECTURE_KEYS = ("nc", "scale", "depth_multiple", "width_multiple", "backbone", "head")
 
 
 def qat_checkpoint(model: nn.Module, cfg, *, extra: dict | None = None, state_dict: dict | None = None) -> dict:
     """The self-describing QAT checkpoint dict for ``model``.
 
-    Holds float weights and quantizer state as tensors, and the model YAML, class names, placement and resolved
-    config as plain data, so ``build_from_checkpoint`` rebuilds the exact model without unpickling any class.
+    Holds float weights and quantizer state as tensors, and the model YAML (the FP32 source's architecture), class
+    names, placement and resolved config as plain data, so ``build_from_checkpoint`` rebuilds the exact model without
+    unpickling any class. ``extra`` adds the run's entries (``fp32_source``, ``FP32_METRICS_KEY``, stage, data).
     """
     if not is_qat_model(model):
         raise QATError("model is not prepared for QAT; call prepare_qat_model first")
@@ -80,3 +86,22 @@ def build_from_checkpoint(ckpt: dict, cfg=None) -> tuple[nn.Module, Any]:
             "was it written by another version of this toolkit?"
         )
     return model, cfg
+
+
+def fp32_metrics_record(metrics: dict, imgsz: int, data: str) -> dict:
+    """The ``FP32_METRICS_KEY`` entry for the FP32 model's evaluation ``metrics`` at ``imgsz`` on ``data``."""
+    return {"map50": float(metrics["map50"]), "map50_95": float(metrics["map50_95"]), "imgsz": int(imgsz),
+            "data": str(data)}
+
+
+def stored_fp32_metrics(ckpt: dict) -> dict | None:
+    """The FP32 source's mAP a checkpoint carries; None when it predates them or its run never evaluated the source."""
+    record = ckpt.get(FP32_METRICS_KEY)
+    return dict(record) if isinstance(record, dict) and "map50_95" in record else None
+
+
+def same_architecture(fp32_model: nn.Module, ckpt: dict) -> bool:
+    """Whether ``fp32_model`` has the architecture the checkpoint was quantized from (a file at the recorded path
+    may since have been replaced)."""
+    ours, stored = plain_data(fp32_model.yaml), ckpt["model_yaml"]
+    return all(ours.get(k) == stored.get(k) for k in ARCHITECTURE_KEYS)

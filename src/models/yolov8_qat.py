@@ -19,13 +19,15 @@ scale), ``prepare`` (swap, trace, attach; and undo), ``placement`` (the plain-da
 
 from __future__ import annotations
 
-from src.models.checkpoint import QAT_CHECKPOINT_KEY, QAT_FORMAT_VERSION, build_from_checkpoint, qat_checkpoint
+from src.models.checkpoint import (FP32_METRICS_KEY, QAT_CHECKPOINT_KEY, QAT_FORMAT_VERSION, build_from_checkpoint,
+                                   fp32_metrics_record, qat_checkpoint, same_architecture, stored_fp32_metrics)
 from src.models.placement import GroupPlacement, LayerPlacement, Placement
 from src.models.prepare import prepare_qat_model, to_float
 from src.models.quant_modules import QuantBottleneck, QuantConv, Site, UnsupportedModuleError
 from src.models.switches import is_qat_model, quantizers, refresh_weight_qparams, set_fake_quant, set_observers
 
 __all__ = [
+    "FP32_METRICS_KEY",
     "QAT_CHECKPOINT_KEY",
     "QAT_FORMAT_VERSION",
     "GroupPlacement",
@@ -36,12 +38,15 @@ __all__ = [
     "Site",
     "UnsupportedModuleError",
     "build_from_checkpoint",
+    "fp32_metrics_record",
     "is_qat_model",
     "prepare_qat_model",
     "qat_checkpoint",
     "quantizers",
     "refresh_weight_qparams",
+    "same_architecture",
     "set_fake_quant",
     "set_observers",
+    "stored_fp32_metrics",
     "to_float",
 ]

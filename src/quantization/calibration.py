@@ -8,6 +8,7 @@ standard PTQ choice), compute the ranges, then freeze the observers and switch f
 from __future__ import annotations
 
 import logging
+from collections.abc import Sized
 from typing import Callable, Iterable
 
 import torch
@@ -36,7 +37,8 @@ def calibrate(
 
     Args:
         model: A model prepared with ``prepare_qat_model``.
-        batches: Iterable of batches (Ultralytics batch dicts or image tensors).
+        batches: Iterable of batches (Ultralytics batch dicts or image tensors); when it has a ``len()`` (its number
+            of images), the progress bar's total is the smaller of that and ``num_images``.
         num_images: How many images to use; calibration stops once that many were seen.
         to_input: Converts one batch into the float image tensor the model takes (default: ``batch["img"]``
             scaled from uint8 to [0, 1] when needed).
@@ -60,7 +62,8 @@ def calibrate(
         q.enable_fake_quant(False)
         q.observer.calibrating = True
     seen = 0
-    bar = tqdm(total=num_images, desc="Calibrating", unit="img", disable=not progress, leave=False)
+    total = min(num_images, len(batches)) if isinstance(batches, Sized) else num_images
+    bar = tqdm(total=total, desc="Calibrating", unit="img", disable=not progress, leave=False)
     try:
         for batch in batches:
             x = to_input(batch).to(device, non_blocking=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from torch import nn
 
@@ -15,7 +16,8 @@ from src.stages.context import RunContext
 
 
 def analyze_stage(ctx: RunContext, model: nn.Module, fp32_model: nn.Module | None, label: str, *,
-                  ptq_state: dict | None = None, mixed_precision: MixedPrecisionResult | None = None) -> dict:
+                  ptq_state: dict | None = None, mixed_precision: MixedPrecisionResult | None = None,
+                  exports: dict[str, list[str]] | None = None) -> dict:
     """Gather accuracy and latency, build the report and write it; returns the report's data.
 
     Args:
@@ -24,6 +26,8 @@ def analyze_stage(ctx: RunContext, model: nn.Module, fp32_model: nn.Module | Non
         label: Stage of ``model`` ("qat" or "ptq"; a "ptq" model is its own PTQ baseline).
         ptq_state: State dict of this run's calibrated, untrained model, when the run kept it.
         mixed_precision: This run's mixed-precision result.
+        exports: This run's exports (``{format: [paths]}``, the first path of each the one timed); None: it made
+            none, so no latency is reported (exports of other runs may share --export-dir).
 
     Raises:
         QATError: No dataset (the layer-wise error needs images).
@@ -43,8 +47,9 @@ def analyze_stage(ctx: RunContext, model: nn.Module, fp32_model: nn.Module | Non
         ptq_model = ptq_baseline(ctx, fp32_model, model.qat_placement.bit_overrides)
     models = {"fp32": fp32_model, "ptq": ptq_model, label: model}
     performance = collect_map(ctx.run_dir, models, ctx.data_yaml, cfg, ctx.device)
-    latency = export_latency(ctx.export_dir, cfg.train_params.img_size)
+    latency = export_latency([Path(paths[0]) for paths in (exports or {}).values() if paths],
+                             cfg.train_params.img_size)
     report = build_report(model, images, performance=performance, latency=latency,
                           mixed_precision=mixed_precision.to_dict() if mixed_precision else None)
-    write_report(report, model, ctx.run_dir / "analysis", ctx.log_dir)
+    write_report(report, model, ctx.run_dir / "analysis", ctx.tensorboard_dir)
     return report

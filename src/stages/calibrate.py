@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,11 +32,28 @@ def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
     return model
 
 
-def calibration_images(cfg, data: dict, device: torch.device, stride: int) -> Iterable[torch.Tensor]:
+class TrainingImages:
+    """Training images without augmentation, shuffled with ``train_params.seed``, as [0, 1] batches on a device.
+
+    ``len()`` is the number of images in the split, so calibration's progress bar counts what it can actually use.
+    """
+
+    def __init__(self, cfg, data: dict, device: torch.device, stride: int) -> None:
+        self.loader = build_loader(hyperparameters(cfg, mode="val"), data, "train",
+                                   cfg.qat_params.calibration_batch_size, mode="val", stride=stride, shuffle=True,
+                                   seed=cfg.train_params.seed)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (preprocess_batch(b, self.device)["img"] for b in self.loader)
+
+
+def calibration_images(cfg, data: dict, device: torch.device, stride: int) -> TrainingImages:
     """Training images without augmentation, shuffled with ``train_params.seed``."""
-    loader = build_loader(hyperparameters(cfg, mode="val"), data, "train", cfg.qat_params.calibration_batch_size,
-                          mode="val", stride=stride, shuffle=True, seed=cfg.train_params.seed)
-    return (preprocess_batch(b, device)["img"] for b in loader)
+    return TrainingImages(cfg, data, device, stride)
 
 
 def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:

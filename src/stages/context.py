@@ -31,6 +31,8 @@ class RunRequest:
     export: bool
     validate_exports: bool
     analyze: bool
+    trust_checkpoint: bool = False
+    save_dir_given: bool = False  # --save-dir on the command line (else a reused checkpoint's folder is the run's)
 
     @classmethod
     def from_args(cls, args) -> "RunRequest":
@@ -50,6 +52,9 @@ class RunContext:
         output: File name of the saved model.
         fp32_source: The float checkpoint QAT started from, when known.
         train: Whether this run trains (or calibrates) a model rather than reusing a QAT checkpoint as is.
+        trust_checkpoint: ``--trust-checkpoint``: FP32 checkpoints this run opens are fully unpickled.
+        fp32_metrics: The FP32 source's mAP stored in the QAT checkpoint this run starts from (its FP32 row when the
+            source is not at hand), else None.
     """
 
     cfg: QATConfig
@@ -67,3 +72,10 @@ class RunContext:
     export: bool
     validate_exports: bool
     analyze: bool
+    trust_checkpoint: bool = False
+    fp32_metrics: dict | None = None
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """``--log-dir/<run folder name>``: each run (qat, qat2, ...) is its own run in TensorBoard."""
+        return self.log_dir / self.run_dir.name

@@ -12,9 +12,10 @@ from src.config import load_config
 from src.data.resolve import (ResolvedModel, load_fp32_model, load_fp32_source, resolve_data,
                               resolve_model_path)
 from src.errors import QATError
-from src.models.yolov8_qat import build_from_checkpoint
+from src.models.yolov8_qat import FP32_METRICS_KEY, build_from_checkpoint, same_architecture, stored_fp32_metrics
 from src.stages.context import RunContext, RunRequest
 from src.stages.device import init_distributed, select_device
+from src.stages.train import check_teacher
 from src.training.checkpoint import load_checkpoint_file
 from src.training.data import check_split, hyperparameters, seed_everything
 
@@ -34,7 +35,8 @@ class StartingPoint:
         qat_model: The model of a QAT checkpoint given as --model or resumed; None when QAT starts from fp32_model.
         checkpoint: That checkpoint's file.
         label: That checkpoint's stage ("ptq" or "qat").
-        extra: Entries a resumed run's checkpoints carry on (fp32_source, stage, data, distill_adapters).
+        extra: Entries a resumed run's checkpoints carry on (fp32_source, fp32_metrics, stage, data,
+            distill_adapters).
         train_state: The trainer state a resumed run continues from.
     """
 
@@ -94,32 +96,41 @@ def resolve_run(request: RunRequest, overrides: dict) -> tuple[RunContext, Start
     is_qat = resolved.kind == "qat_checkpoint"
     seed_everything(cfg.train_params.seed)  # model init (YAML), calibration sampling and training all follow it
     train = (not is_qat) or request.epochs is not None
+    if train:
+        check_teacher(cfg)
     needs_data = train or request.eval or request.validate_exports or request.analyze or request.data is not None
     data_yaml = request.data or DEFAULT_DATA
-    data = resolve_data(data_yaml) if needs_data else None
+    # training, calibrating an export and the analysis' PTQ baseline read training images; evaluation only val
+    reads_train = train or request.export or request.validate_exports or request.analyze
+    data = resolve_data(data_yaml, ("train", "val", "test") if reads_train else ("val", "test")) \
+        if needs_data else None
     device = select_device(request.device, cfg.train_params.device)
     rank = init_distributed(device)
     if data is not None:
         data_report(cfg, data, train=train, val=request.eval or request.validate_exports)
+    fp32_metrics = None
     if is_qat:
-        start, fp32_source = _from_qat_checkpoint(resolved, cfg, request, data, train)
+        start, fp32_source, fp32_metrics = _from_qat_checkpoint(resolved, cfg, request, data, train)
     else:
-        fp32_model = load_fp32_model(resolved, nc=data["nc"] if resolved.kind == "yaml" else None)
+        fp32_model = load_fp32_model(resolved, nc=data["nc"] if resolved.kind == "yaml" else None,
+                                     trusted=request.trust_checkpoint)
         fp32_source = str(resolved.path) if resolved.kind == "checkpoint" else None
         check_classes(fp32_model, data, str(resolved.path))
         start = StartingPoint(fp32_model)
-    # a QAT checkpoint only evaluated or exported keeps its outputs beside it (exports under --export-dir)
+    # a QAT checkpoint only evaluated or exported keeps its outputs beside it unless --save-dir names a folder
+    # (exports under --export-dir)
     run_dir = next_run_dir(Path(request.save_dir), request.output, request.exist_ok) if train else \
-        Path(resolved.path).parent
+        Path(request.save_dir if request.save_dir_given else resolved.path.parent)
     ctx = RunContext(cfg, data, data_yaml, device, rank, run_dir, Path(request.export_dir), Path(request.log_dir),
                      request.output, fp32_source, train, request.eval, request.export, request.validate_exports,
-                     request.analyze)
+                     request.analyze, trust_checkpoint=request.trust_checkpoint, fp32_metrics=fp32_metrics)
     return ctx, start
 
 
 def _from_qat_checkpoint(resolved: ResolvedModel, cfg, request: RunRequest, data: dict | None,
-                         train: bool) -> tuple[StartingPoint, str | None]:
-    """The checkpoint's model, its quantization adopted into ``cfg``, and its float source when this run uses it."""
+                         train: bool) -> tuple[StartingPoint, str | None, dict | None]:
+    """The checkpoint's model, its quantization adopted into ``cfg``, its float source when this run uses it and is
+    at hand, the source's recorded path and its stored mAP."""
     ckpt = load_checkpoint_file(resolved.path)
     model, stored = build_from_checkpoint(ckpt)
     # the checkpoint's quantization (placement, ranges) is kept; training settings come from this run
@@ -137,13 +148,26 @@ def _from_qat_checkpoint(resolved: ResolvedModel, cfg, request: RunRequest, data
     LOGGER.info(f"Loaded QAT checkpoint {resolved.path}")
     if data is not None:
         check_classes(model, data, str(resolved.path))
-    # evaluating the checkpoint alone needs its source for the FP32 row; training and --analyze use it when present
-    fp32_model = load_fp32_source(fp32_source, cfg.model.variant, required=request.eval and not train) \
+    # training, --eval (the FP32 row) and --analyze use the source when it is at hand; the stored mAP stands in
+    fp32_model = _checkpoint_fp32(ckpt, resolved.path, cfg.model.variant, request.trust_checkpoint) \
         if train or request.eval or request.analyze else None
     if train and cfg.qat_params.use_mixed_precision:
         LOGGER.warning("--mixed-precision is ignored when fine-tuning a QAT checkpoint: its bit widths are kept")
     start = StartingPoint(fp32_model, model, Path(resolved.path), ckpt.get("stage", "qat"))
-    return start, fp32_source
+    return start, fp32_source, stored_fp32_metrics(ckpt)
+
+
+def _checkpoint_fp32(ckpt: dict, path: Path, variant: str, trusted: bool) -> nn.Module | None:
+    """The FP32 source a QAT checkpoint names, loaded like --model; None when it is gone or no longer that model."""
+    source = ckpt.get("fp32_source")
+    fp32_model = load_fp32_source(source, variant, required=False, trusted=trusted)
+    if source and fp32_model is None:
+        LOGGER.info(f"The FP32 source {source} of {path} is not at hand; continuing without it")
+    elif fp32_model is not None and not same_architecture(fp32_model, ckpt):
+        LOGGER.warning(f"{source} is no longer the FP32 model {path} was quantized from (its architecture differs); "
+                       "continuing without it")
+        return None
+    return fp32_model
 
 
 def resolve_resume(request: RunRequest, overrides: dict) -> tuple[RunContext, StartingPoint]:
@@ -168,8 +192,9 @@ def resolve_resume(request: RunRequest, overrides: dict) -> tuple[RunContext, St
     device = select_device(request.device, cfg.train_params.device)
     rank = init_distributed(device)
     LOGGER.info(f"Resuming {run_dir} from epoch {int(st['epoch']) + 1}/{total}")
-    extra = {k: ckpt[k] for k in ("fp32_source", "stage", "data", "distill_adapters") if k in ckpt}
+    extra = {k: ckpt[k] for k in ("fp32_source", FP32_METRICS_KEY, "stage", "data", "distill_adapters") if k in ckpt}
     ctx = RunContext(cfg, data, data_yaml, device, rank, run_dir, Path(request.export_dir), Path(request.log_dir),
                      request.output, extra.get("fp32_source"), True, request.eval, request.export,
-                     request.validate_exports, request.analyze)
+                     request.validate_exports, request.analyze, trust_checkpoint=request.trust_checkpoint,
+                     fp32_metrics=stored_fp32_metrics(ckpt))
     return ctx, StartingPoint(None, model, last, "qat", extra, st)

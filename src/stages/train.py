@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from src.data.resolve import resolve_model_path
 from src.errors import QATError
 from src.models.yolov8_qat import qat_checkpoint
 from src.stages.context import RunContext
@@ -43,6 +44,21 @@ def graceful_stop(trainer):
             signal.signal(s, h)
 
 
+def check_teacher(cfg) -> None:
+    """A distillation run's teacher (``distillation.teacher_model`` / --teacher-model) exists, before any model work.
+
+    Raises:
+        QATError: Names the teacher and where it was looked for.
+    """
+    source = cfg.distillation.teacher_model
+    if cfg.qat_params.use_distillation and source:
+        try:
+            resolve_model_path(source, cfg.model.variant)
+        except QATError as err:
+            raise QATError(f"distillation teacher (--teacher-model / distillation.teacher_model) {source}: {err}") \
+                from None
+
+
 def train_stage(ctx: RunContext, model: nn.Module, extra: dict, *, fp32_model: nn.Module | None = None,
                 resume_state: dict | None = None) -> nn.Module:
     """Train ``model`` in ``ctx.run_dir``; returns the final (best) model.
@@ -55,10 +71,10 @@ def train_stage(ctx: RunContext, model: nn.Module, extra: dict, *, fp32_model: n
     Raises:
         QATError: Training was stopped by a signal (a resumable checkpoint is saved first).
     """
-    trainer = QATTrainer(model, ctx.cfg, ctx.data, ctx.data_yaml, ctx.device, ctx.run_dir, ctx.log_dir, ctx.output,
+    trainer = QATTrainer(model, ctx.cfg, ctx.data, ctx.data_yaml, ctx.device, ctx.run_dir, ctx.tensorboard_dir, ctx.output,
                          checkpoint_extra=extra)
     if ctx.cfg.qat_params.use_distillation:  # before load_training_state: the adapters are an optimizer group
-        attach_distiller(trainer, ctx.cfg, fp32_model, ctx.data)
+        attach_distiller(trainer, ctx.cfg, fp32_model, ctx.data, trusted=ctx.trust_checkpoint)
     if resume_state is not None:
         trainer.load_training_state(resume_state)
     with graceful_stop(trainer):

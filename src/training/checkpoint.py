@@ -10,9 +10,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.errors import ModelLoadError
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: the mode ``open()`` gives every other output (0644 under the usual umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temp file in the same directory, flush + fsync, then rename over ``path``.
+    """torch.save to a temp file in the same directory, flush + fsync, then rename over ``path`` (mode 0644).
 
     A crash or kill mid-write leaves the previous file intact (rename is atomic on POSIX within one filesystem).
     """
@@ -24,6 +36,7 @@ def atomic_save(obj, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; a checkpoint is shared like every other output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,8 +45,17 @@ def atomic_save(obj, path: str | Path) -> Path:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """Load one of this project's checkpoints without unpickling any class."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load one of this project's checkpoints without unpickling any class.
+
+    Raises:
+        ModelLoadError: The file is damaged (truncated, empty, not a torch file) or not a checkpoint of plain data.
+    """
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports damage as RuntimeError, EOFError, UnpicklingError, ... by where it broke
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"{path} cannot be read as a checkpoint (truncated, corrupted or not written by this "
+                             f"toolkit: {type(err).__name__}: {first}); copy it again or start a new run") from err
 
 
 def rng_state() -> dict:

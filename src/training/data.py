@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 
 from src.errors import DataError
+from src.integrations.ultralytics import report_unreadable_images
 
 LOGGER = logging.getLogger("yolov8_qat")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ultralytics colours its log prefixes; our one-line errors are plain text
 
 def hyperparameters(cfg, imgsz: int | None = None, **overrides: Any):
     """Ultralytics' default hyperparameter namespace with this run's values (augmentation, loss gains, imgsz).
@@ -68,7 +71,8 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
     # Rectangular val batches group images of one aspect ratio; shuffled, a batch would mix shapes that cannot stack,
     # so a shuffled val-mode loader (calibration, sensitivity) letterboxes every image to the square input size.
     rect = mode == "val" and not shuffle
-    dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=rect, stride=stride)
+    dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=_dataset_mode(split, mode), rect=rect,
+                                 stride=stride)
     loader = build_dataloader(
         dataset,
         batch=batch,
@@ -82,6 +86,14 @@ def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: 
     if isinstance(gen, torch.Generator):
         gen.manual_seed(seed)
     return loader
+
+
+def _dataset_mode(split: str, mode: str) -> str:
+    """build_yolo_dataset's ``mode``: "train" augments, any other value evaluates and also labels its log lines
+    ("val: Scanning ..."), so an unaugmented pass over the train split says so instead of calling itself val."""
+    if mode == "train":
+        return "train"
+    return "train (no augmentation)" if split == "train" else split
 
 
 def preprocess_batch(batch: dict, device: torch.device) -> dict:
@@ -123,13 +135,20 @@ def check_split(hyp, data: dict, split: str) -> tuple[int, int]:
     """
     # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import IMG_FORMATS
 
+    report_unreadable_images()
     total = _count_images(data[split])
+    if total == 0:
+        raise DataError(f"{split} split ({data[split]}): no images found; put the images there (suffixes "
+                        f"{', '.join(sorted(IMG_FORMATS))}) or fix '{split}:' in the data YAML")
     try:
-        dataset = build_yolo_dataset(hyp, data[split], 1, data, mode="val", rect=False, stride=32)
+        dataset = build_yolo_dataset(hyp, data[split], 1, data, mode=_dataset_mode(split, "val"), rect=False,
+                                     stride=32)
         usable = len(dataset.labels)
     except (RuntimeError, FileNotFoundError) as e:
-        first = next((line.strip() for line in str(e).splitlines()[1:] if "ignoring" in line), str(e).splitlines()[0])
+        text = _ANSI.sub("", str(e))
+        first = next((line.strip() for line in text.splitlines()[1:] if "ignoring" in line), text.splitlines()[0])
         reason = first.split("ignoring corrupt image/label:")[-1].strip()
         raise DataError(
             f"{split} split ({data[split]}): no usable images — all {total} were dropped as corrupt (first reason: "

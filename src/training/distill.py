@@ -119,13 +119,14 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
+def build_teacher(cfg, fp32_model: nn.Module | None, data: dict, *, trusted: bool = False) -> nn.Module:
     """The frozen teacher: ``distillation.teacher_model`` if set, else a copy of the FP32 source model.
 
     Args:
         cfg: Resolved QATConfig.
         fp32_model: The float model QAT started from (None when unknown, e.g. a QAT checkpoint without source).
         data: Checked data dict; the teacher must predict exactly its classes.
+        trusted: ``--trust-checkpoint``: unpickle the teacher checkpoint fully (see ``load_fp32_model``).
 
     Raises:
         DistillationError: No teacher available, or its classes differ from the dataset's.
@@ -136,7 +137,7 @@ def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
         if resolved.kind == "qat_checkpoint":
             raise DistillationError(f"--teacher-model {source} is a QAT checkpoint; the teacher must be a float "
                                     "Ultralytics detection checkpoint (e.g. yolov8m.pt trained on this dataset)")
-        teacher = load_fp32_model(resolved, nc=int(data["nc"]) if resolved.kind == "yaml" else None)
+        teacher = load_fp32_model(resolved, nc=int(data["nc"]) if resolved.kind == "yaml" else None, trusted=trusted)
         if resolved.kind == "yaml":
             teacher.names = dict(data["names"])
             LOGGER.warning(f"teacher {source} is a model YAML: randomly initialised, so it teaches nothing useful")
@@ -145,7 +146,8 @@ def build_teacher(cfg, fp32_model: nn.Module | None, data: dict) -> nn.Module:
         if fp32_model is None:
             raise DistillationError(
                 "self-distillation needs the FP32 source model, which this QAT checkpoint does not name "
-                "(fp32_source); pass --teacher-model <fp32 checkpoint trained on this dataset>")
+                "(fp32_source) or which is not at hand; pass --teacher-model <fp32 checkpoint trained on this "
+                "dataset>")
         # the student's own source: its class set was checked when QAT started (a YAML model has generic names)
         return freeze_teacher(copy.deepcopy(fp32_model).float())
     check_teacher_classes(teacher, data, desc)
@@ -284,7 +286,7 @@ class Distiller:
                 h.remove()
 
 
-def attach_distiller(trainer, cfg, fp32_model: nn.Module | None, data: dict) -> Distiller:
+def attach_distiller(trainer, cfg, fp32_model: nn.Module | None, data: dict, *, trusted: bool = False) -> Distiller:
     """Build the teacher and :class:`Distiller` and wire them into a constructed ``QATTrainer``.
 
     The trainer gets the distiller as its ``extra_loss``; the adapters join its optimizer as param group
@@ -298,11 +300,12 @@ def attach_distiller(trainer, cfg, fp32_model: nn.Module | None, data: dict) -> 
         fp32_model: The float source model; None loads ``checkpoint_extra["fp32_source"]`` when the teacher is the
             source model.
         data: Checked data dict.
+        trusted: As for :func:`build_teacher`.
     """
     extra = trainer.checkpoint_extra
     if fp32_model is None and not cfg.distillation.teacher_model:
-        fp32_model = load_fp32_source(extra.get("fp32_source"), cfg.model.variant)
-    teacher = build_teacher(cfg, fp32_model, data)
+        fp32_model = load_fp32_source(extra.get("fp32_source"), cfg.model.variant, trusted=trusted)
+    teacher = build_teacher(cfg, fp32_model, data, trusted=trusted)
     distiller = Distiller(teacher, trainer.model, cfg.distillation, trainer.device, imgsz=cfg.train_params.img_size)
     if extra.get("distill_adapters"):
         distiller.load_state_dict(extra["distill_adapters"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ def evaluate(
     split: str = "val",
 ) -> dict:
     """mAP50, mAP50-95 and per-class AP of ``model`` on a data split, preprocessed as the exports are.
+
+    Args:
+        save_dir: The validator's folder; default a temporary one (plots and JSON are off, so it would stay empty).
 
     The validator gets a deep copy in eval mode: Ultralytics' AutoBackend switches off ``requires_grad`` and may
     fuse, and neither may touch the model being trained. Quantizers in eval mode do not observe, so the copy is
@@ -50,11 +54,11 @@ def evaluate(
         # 288 px and make torch and export numbers incomparable
         rect=False,
     )
-    if save_dir is not None:
-        args["project"], args["name"], args["exist_ok"] = str(Path(save_dir).parent), Path(save_dir).name, True
-    validator = DetectionValidator(args=args)
     m = copy.deepcopy(model).float().eval()
-    stats = validator(model=m)
+    # Ultralytics' validator creates its save_dir (runs_dir/detect/train-N) even when it writes nothing into it
+    with tempfile.TemporaryDirectory(prefix="qat_val_") as tmp:
+        validator = DetectionValidator(save_dir=Path(save_dir or tmp), args=args)
+        stats = validator(model=m)
     box = validator.metrics.box
     names = getattr(model, "names", {})
     per_class = {}
