@@ -142,7 +142,7 @@ def error_line(err: Exception, args: argparse.Namespace) -> str:
     """The one line printed for ``err``; an invalid flag value names the flag, not the config file."""
     if isinstance(err, OverrideError) and err.key in OVERRIDE_FLAGS:
         dest, flag = OVERRIDE_FLAGS[err.key]
-        return f"ERROR: {flag} {getattr(args, dest)}: {err} (config key {err.key})"
+        return f"ERROR: {flag} {getattr(args, dest)}: {err.reason} (config key {err.key})"
     return f"ERROR: {err}"
 
 

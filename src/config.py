@@ -48,11 +48,11 @@ def _join(path: str, key: str | int) -> str:
 
 class OverrideError(ConfigError):
     """A command-line override (or ``--qconfig``) is invalid; ``key`` is its dotted config key, so the command line
-    can name the flag instead of the config file."""
+    can name the flag instead of the config file. The message is ``"<key>: <reason>"`` like every field error."""
 
     def __init__(self, key: str, reason: str) -> None:
-        super().__init__(reason)
-        self.key = key
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
 
 
 def _unknown_key_error(path: str, key: str, valid: typing.Iterable[str]) -> ConfigError:
