@@ -130,3 +130,25 @@ def test_asymmetric_model_is_refused_before_anything_is_written(asymmetric, tmp_
     with pytest.raises(QATError, match=r"44 activation quantizer\(s\) are asymmetric.*--qconfig tensorrt"):
         export_all(model, cfg, tmp_path, imgsz=IMGSZ)
     assert not any(tmp_path.iterdir())
+
+
+def test_float_by_design_convs_pass_the_rules_and_the_coverage_check(tmp_path):
+    """skip_detection_head keeps the head's convs float; those at P3/P4 read a dequantized neck output."""
+    import onnx
+
+    from src.export.onnx_qdq import proto_coverage
+    from src.export.tensorrt_export import check_tensorrt_rules, export_tensorrt
+
+    model, _ = _qat_model("tensorrt", {"quantization.activation.observer": "minmax",
+                                       "qat_params.skip_detection_head": True})
+    res = export_tensorrt(model, tmp_path, "m", IMGSZ, build=False)
+    assert check_tensorrt_rules(res.onnx) == []
+    proto = onnx.load(str(res.onnx))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    float_weight_dq_input = [n.name for n in proto.graph.node if n.op_type == "Conv"
+                             and producer.get(n.input[1], n).op_type != "DequantizeLinear"
+                             and producer.get(n.input[0], n).op_type == "DequantizeLinear"]
+    assert float_weight_dq_input  # the pattern is there: head convs fed by a quantized neck output
+    cov = proto_coverage(proto)
+    quantized = sum(l.quantized for l in model.qat_placement.layers)
+    assert cov.seen == quantized and cov.int8 == quantized and cov.floats == []

@@ -56,7 +56,7 @@ class QDQSummary:
 
     @property
     def partially_quantized(self) -> list[str]:
-        """Convs with exactly one of (input, weight) through DequantizeLinear: these run in float at deployment."""
+        """Convs with a quantized weight but a float input: a quantized conv that lost its input Q/DQ (runs float)."""
         return [c for c in self.float_convs if c.endswith("(partial)")]
 
 
@@ -392,7 +392,10 @@ def qdq_summary(proto) -> QDQSummary:
             if w_dq.input[0] in inits and inits[w_dq.input[0]].data_type in (2, 3):  # uint8, int8
                 s.int8_weight_convs.append(n.name)
         else:
-            s.float_convs.append(n.name + (" (partial)" if x_q or w_q else ""))
+            # A dequantized input into float weights is float by design: a conv the placement keeps float (the head
+            # with skip_detection_head, a mixed-precision float layer) reading a tensor other consumers quantize.
+            # Lost quantization of a quantized conv shows as a weight DQ without an input DQ, or in the count.
+            s.float_convs.append(n.name + (" (partial)" if w_q else ""))
     return s
 
 
