@@ -319,7 +319,9 @@ class HistogramObserver(ObserverBase):
         if hi > lo:
             self.histogram.add_(self._sum_across_ranks(torch.histc(x, self.bins, lo, hi).double()))
         else:  # all values so far are 0: a point mass, kept in bin 0
-            self.histogram[0] += self._sum_across_ranks(torch.tensor(float(x.numel()), dtype=torch.float64))
+            # on the histogram's device: NCCL all-reduces device tensors only
+            self.histogram[0] += self._sum_across_ranks(torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                                     device=self.histogram.device))
 
     def _cdf(self, t: torch.Tensor) -> torch.Tensor:
         """Mass below ``t`` (float64), counts spread uniformly within each bin."""
