@@ -212,12 +212,13 @@ def main(argv=None) -> int:
                     if a.device.startswith("cuda") else platform.processor() or "cpu", "sizes": sizes},
     }
     amp = a.device.startswith("cuda")
-    _part(results, "step_time", lambda: step_times(sizes, a.device, amp))
-    _part(results, "host_syncs", lambda: host_syncs(a.device))
-    _part(results, "qat_epoch_onnx", lambda: qat_epoch_and_onnx(sizes, a.device, work))
-    _part(results, "tensorrt", lambda: tensorrt_engine(sizes, a.device, work))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    parts = {"step_time": lambda: step_times(sizes, a.device, amp), "host_syncs": lambda: host_syncs(a.device),
+             "qat_epoch_onnx": lambda: qat_epoch_and_onnx(sizes, a.device, work),
+             "tensorrt": lambda: tensorrt_engine(sizes, a.device, work)}
+    for name, fn in parts.items():
+        _part(results, name, fn)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")  # kept if a later part hits the timeout
     print(f"[gpu_check] wrote {out}")
     return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0
 

@@ -76,8 +76,7 @@ def test_box_kd_is_the_confidence_weighted_mean_side_kl_times_t_squared(T):
 @pytest.mark.parametrize("axis", ["classes", "anchors", "images"])
 def test_kd_terms_do_not_depend_on_the_number_of_classes_anchors_or_images(axis):
     """The same per-anchor logits repeated twice along an axis give the same KD: kd_weight means the same whatever
-    the dataset's class count or the image size. (The old class normaliser was the teacher's score mass at T, which
-    background anchors inflate as T grows.)"""
+    the dataset's class count or the image size."""
     torch.manual_seed(2)
     reg_max, T = 16, 2.0
     s_cls, t_cls = torch.randn(1, 3, 21) - 8, torch.randn(1, 3, 21) - 10

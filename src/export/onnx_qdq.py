@@ -138,9 +138,9 @@ def _export_proto(m: nn.Module, im: torch.Tensor, path: Path, opset: int, axes: 
 
 def simplify_keep_qdq(proto):
     """onnxsim constant folding; Constant nodes it creates become initializers again (what runtimes expect)."""
-    import onnxsim  # deferred: heavy optional dependency
-
     try:
+        import onnxsim  # deferred: heavy optional dependency
+
         simplified, ok = onnxsim.simplify(proto)
     except Exception as e:  # onnxsim failing must not lose the export: the unsimplified graph is valid
         LOGGER.warning(f"onnxsim failed ({type(e).__name__}: {e}); keeping the unsimplified graph")

@@ -45,10 +45,13 @@ def prepare_qat_model(
     skip_head = cfg.qat_params.skip_detection_head if skip_detection_head is None else skip_detection_head
     bit_overrides = bit_overrides or {}
     check_supported(model)
+    device = next(model.parameters()).device  # the new quantizers' state joins the model where it already is
     model.eval()
     swapped = swap_modules(model, cfg, fuse, skip_head, bit_overrides)
+    model.to(device)
     trace = trace_sites(model, swapped.qconvs, imgsz)
     groups = attach_quantizers(model, swapped, trace, cfg, bit_overrides)
+    model.to(device)
     placement = Placement(swapped.layers, groups, fuse, skip_head, trace.mixed_concats, plain_data(bit_overrides))
     model.qat_placement = placement
     model.train()

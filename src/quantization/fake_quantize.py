@@ -172,6 +172,9 @@ class FakeQuantize(nn.Module):
     def copy_switches_from(self, other: "FakeQuantize") -> None:
         """Take ``other``'s Python mirrors of its buffers after they were copied into this module's (the EMA does)."""
         self._observing, self._fake_quantizing = other._observing, other._fake_quantizing
+        # a shared quantizer ends a training pass stale (its later sites observed after site 0's refresh): the copied
+        # statistics are newer than the copied scale until this copy refreshes too
+        self._stale, self._from_data = other._stale, other._from_data
         self.observer.copy_state_flags_from(other.observer)
 
     def freeze(self) -> "FakeQuantize":

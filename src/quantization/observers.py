@@ -313,6 +313,7 @@ class HistogramObserver(ObserverBase):
             self.min_val.fill_(lo)
             self.max_val.fill_(hi)
             self.initialized.fill_(1)
+            self._has_data[0] = True
         elif lo < float(self.min_val) or hi > float(self.max_val):
             self._rebin(min(lo, float(self.min_val)), max(hi, float(self.max_val)))
         lo, hi = float(self.min_val), float(self.max_val)

@@ -171,9 +171,12 @@ def fake_quantize_with_mask(
         ``(fake-quantized x, bool mask)``.
     """
     scale, zero_point = _as_qparams(x, scale, zero_point)
-    if x.device.type == "cuda":  # one fused kernel; on CPU the vectorized ops below are faster (same values: tests)
-        zp = torch.zeros_like(scale, dtype=torch.int32) if zero_point is None else zero_point.to(torch.int32)
-        return fused_fake_quantize_with_mask(x, scale.float(), zp, qmin, qmax, None if axis is None else axis % x.dim())
+    # On CUDA one fused kernel (per-tensor, or per-channel with a known zero point: torch's per-channel kernel reads
+    # an integer zero point back to the host to range-check it); on CPU the vectorized ops below are faster. Same
+    # values either way (tests).
+    if x.device.type == "cuda" and (axis is None or zero_point is None):
+        return fused_fake_quantize_with_mask(x, scale.float(), zero_point, qmin, qmax,
+                                             None if axis is None else axis % x.dim())
     if axis is None:
         shape = ()
     else:

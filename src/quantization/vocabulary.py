@@ -17,7 +17,8 @@ OBSERVERS = ("minmax", "moving_average_minmax", "per_channel_minmax", "histogram
 PER_TENSOR_ONLY_OBSERVERS = ("moving_average_minmax", "histogram")
 HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
 
-# Gradient rules: "ste" = straight-through estimator with clipping mask (x grad_factor), "lsq" = learned step size.
+# Gradient rules: "ste" = straight-through estimator with clipping mask, "lsq" = learned step size (its scale and
+# zero-point gradients x grad_factor).
 FAKE_QUANT_TYPES = ("ste", "lsq")
 # The spec's configs write "custom" for the straight-through estimator: accepted as a name for it, silently.
 FAKE_QUANT_ALIASES = {"custom": "ste"}

@@ -191,9 +191,10 @@ class QATTrainer:
         set_observers(self.model, not freeze_obs, histograms=False)
         # observers that run in this epoch flag non-finite statistics on the device; the step reads them once
         self._observers = [q.observer for _, q in quantizers(self.model) if q.observing]
-        # the EMA's weight observers re-derive ranges from averages of these weights: the live check covers them
-        ema_observers = [q.observer for _, q in quantizers(self.ema.ema)] if self.ema is not None else []
-        for o in self._observers + ema_observers:
+        # the EMA's weight observers re-derive ranges from its averaged weights after each step; their flags are read
+        # once at the end of the epoch (a finite loss with non-finite gradients can poison only the EMA)
+        self._ema_observers = [q.observer for _, q in quantizers(self.ema.ema)] if self.ema is not None else []
+        for o in self._observers + self._ema_observers:
             o.defer_finite_check = True
         self.model.train()
         freeze_bn = fine_tuning or (qp.freeze_bn_epoch is not None and epoch >= qp.freeze_bn_epoch)
@@ -340,6 +341,9 @@ class QATTrainer:
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v / (i + 1):.3f}" for k, v in list(sums.items())[:3]})
         bar.close()
+        if self._ema_observers and bool(nonfinite_observers(self._ema_observers)):
+            layers = take_nonfinite_names(self._ema_observers)
+            raise _NonFinite(last_step, f"the EMA's weights went non-finite ({str(NonFiniteObservationError(layers[0]))})")
         n = max(last_step + 1, 1)
         return {k: v / n for k, v in sums.items()}
 
