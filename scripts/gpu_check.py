@@ -65,20 +65,12 @@ def step_times(sizes: dict, device: str, amp: bool) -> dict:
     return {"batch": sizes["batch"], "imgsz": sizes["imgsz"], "amp": amp, "steps": sizes["steps"], **out}
 
 
-def _tensors(out):
-    """Every tensor of a model output (a tensor, or nested lists / tuples / dicts of them)."""
-    if hasattr(out, "float"):
-        yield out
-    else:
-        for v in out.values() if isinstance(out, dict) else out:
-            yield from _tensors(v)
-
-
 def host_syncs(device: str) -> dict:
     """Synchronising calls in one frozen-range QAT forward + backward of yolov8n."""
     import torch
     from ultralytics.nn.tasks import DetectionModel
 
+    from src.analysis.host_syncs import count_host_syncs, output_tensors
     from src.config import load_config
     from src.models.yolov8_qat import prepare_qat_model, set_observers
     from src.quantization.calibration import calibrate
@@ -93,7 +85,7 @@ def host_syncs(device: str) -> dict:
     x = torch.rand(2, 3, 64, 64, device=dev)
 
     def run():
-        sum(t.float().sum() for t in _tensors(model(x))).backward()
+        sum(t.float().sum() for t in output_tensors(model(x))).backward()
 
     run()  # warm-up: lazy initialisation is not the steady state
     if dev.type == "cuda":
@@ -107,19 +99,9 @@ def host_syncs(device: str) -> dict:
             torch.cuda.set_sync_debug_mode(0)
         syncs = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message).lower()]
         return {"method": "torch.cuda.set_sync_debug_mode", "syncs": len(syncs), "examples": syncs[:5]}
-    count = {"n": 0}
-    originals = {n: getattr(torch.Tensor, n) for n in ("item", "__bool__", "__float__", "__int__", "tolist")}
-    for n, f in originals.items():
-        def counted(self, *a, _f=f, **k):
-            count["n"] += 1
-            return _f(self, *a, **k)
-        setattr(torch.Tensor, n, counted)
-    try:
-        run()
-    finally:
-        for n, f in originals.items():
-            setattr(torch.Tensor, n, f)
-    return {"method": "Tensor.item/__bool__/__float__/__int__/tolist calls (CPU)", "syncs": count["n"]}
+    counts = count_host_syncs(run)
+    return {"method": "Tensor.item/__bool__/__float__/__int__/tolist calls (CPU)", "syncs": sum(counts.values()),
+            "examples": [f"{m} at {where}" for (m, where), _ in counts.most_common(5)]}
 
 
 def _synthetic_data(sizes: dict, work: Path) -> Path:

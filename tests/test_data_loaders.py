@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from src.config import build_config
-from src.stages.calibrate import calibration_images
+from src.stages.calibrate import TrainingImages
 from src.stages.sensitivity import sensitivity_batches
 from src.training.data import build_loader, hyperparameters
 
@@ -43,7 +43,7 @@ def _cfg():
 
 def test_calibration_batches_of_mixed_aspect_ratios_stack(mixed_aspect_dataset):
     # rectangular val batches group images by aspect ratio; shuffled, they would mix shapes within one batch
-    shapes = [tuple(x.shape) for x in calibration_images(_cfg(), mixed_aspect_dataset, torch.device("cpu"), 32)]
+    shapes = [tuple(x.shape) for x in TrainingImages(_cfg(), mixed_aspect_dataset, torch.device("cpu"), 32)]
     assert sum(s[0] for s in shapes) == 8 and {s[2:] for s in shapes} == {(64, 64)}
 
 

@@ -447,11 +447,11 @@ def _latency_of_this_runs_exports(r: dict, tiny_dataset: Path, tmp_path: Path) -
 def _calibration_bar_and_scan_label(r: dict, tiny_dataset: Path, tmp_path: Path) -> None:
     from src.config import load_config
     from src.data.resolve import resolve_data
-    from src.stages.calibrate import calibration_images
+    from src.stages.calibrate import TrainingImages
 
     assert "/8 [" in r["out"] and "/256" not in r["out"]  # 8 training images; qat_params.calibration_images is 256
-    images = calibration_images(load_config(None, {"train_params.img_size": 64}), resolve_data(tiny_dataset),
-                                torch.device("cpu"), 32)
+    images = TrainingImages(load_config(None, {"train_params.img_size": 64}), resolve_data(tiny_dataset),
+                            torch.device("cpu"), 32)
     assert len(images) == 8
     assert "train (no augmentation): " in images.loader.dataset.prefix  # the label of Ultralytics' scan lines
 

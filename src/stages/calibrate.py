@@ -10,7 +10,7 @@ from torch import nn
 from src.quantization.calibration import calibrate
 from src.stages.context import RunContext
 from src.stages.prepare import prepare_model
-from src.training.data import build_loader, hyperparameters, preprocess_batch
+from src.training.data import build_loader, hyperparameters, loader_stride, preprocess_batch
 
 
 def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
@@ -51,22 +51,17 @@ class TrainingImages:
         return (preprocess_batch(b, self.device)["img"] for b in self.loader)
 
 
-def calibration_images(cfg, data: dict, device: torch.device, stride: int) -> TrainingImages:
-    """Training images without augmentation, shuffled with ``train_params.seed``."""
-    return TrainingImages(cfg, data, device, stride)
-
-
 def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:
     """Calibrate the run's prepared ``model`` in place on ``qat_params.calibration_images`` training images."""
-    stride = max(int(model.stride.max()), 32)
     model.to(ctx.device)
-    calibrate(model, calibration_images(ctx.cfg, ctx.data, ctx.device, stride), ctx.cfg.qat_params.calibration_images)
+    calibrate(model, TrainingImages(ctx.cfg, ctx.data, ctx.device, loader_stride(model)),
+              ctx.cfg.qat_params.calibration_images)
     return model
 
 
 def ptq_baseline(ctx: RunContext, fp32_model: nn.Module, bit_overrides: dict | None) -> nn.Module:
     """The PTQ model of this run's configuration, calibrated on ``qat_params.calibration_images`` training images."""
-    stride = max(int(fp32_model.stride.max()), 32)
+    stride = loader_stride(fp32_model)
     return build_ptq_model(fp32_model, ctx.cfg, bit_overrides,
-                           lambda: calibration_images(ctx.cfg, ctx.data, ctx.device, stride),
+                           lambda: TrainingImages(ctx.cfg, ctx.data, ctx.device, stride),
                            ctx.cfg.qat_params.calibration_images, ctx.device)

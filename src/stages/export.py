@@ -12,10 +12,11 @@ from src.data.resolve import resolve_data
 from src.errors import DataError
 from src.export.common import CalibrationImages
 from src.export.pipeline import export_and_validate
-from src.stages.calibrate import calibration_images
+from src.stages.calibrate import TrainingImages
 from src.stages.context import RunContext
 from src.stages.validate import validation_gate
 from src.training.checkpoint import load_checkpoint_file
+from src.training.data import loader_stride
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -40,8 +41,7 @@ def export_calibration(ctx: RunContext, model: nn.Module, checkpoint: Path) -> C
     data_yaml, data = (ctx.data_yaml, ctx.data) if ctx.data is not None else _recorded_data(checkpoint)
     if data is None:
         return None
-    stride = max(int(model.stride.max()), 32)
-    return CalibrationImages(str(data_yaml), calibration_images(ctx.cfg, data, torch.device("cpu"), stride))
+    return CalibrationImages(str(data_yaml), TrainingImages(ctx.cfg, data, torch.device("cpu"), loader_stride(model)))
 
 
 def _recorded_data(checkpoint: Path) -> tuple[str | None, dict | None]:

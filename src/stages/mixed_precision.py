@@ -13,6 +13,7 @@ from src.quantization.bit_allocation import Assignment, assign_bits, search_max_
 from src.stages.context import RunContext
 from src.stages.sensitivity import measure_sensitivity, ptq_on_batches, sensitivity_batches
 from src.stages.sensitivity_cache import SensitivityCache, cache_key
+from src.training.data import loader_stride
 from src.training.evaluate import evaluate
 
 LOGGER = logging.getLogger("yolov8_qat")
@@ -35,7 +36,7 @@ def mixed_precision_stage(ctx: RunContext, fp32_model: nn.Module, *, progress: b
     cache = SensitivityCache(mp.cache_dir, key)
     table = cache.table()
     cached = table is not None
-    batches = sensitivity_batches(cfg, data, device, max(int(model.stride.max()), 32))
+    batches = sensitivity_batches(cfg, data, device, loader_stride(model))
     if cached:
         LOGGER.info(f"Sensitivity loaded from {cache.path}")
     else:

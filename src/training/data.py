@@ -48,6 +48,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def loader_stride(model) -> int:
+    """The stride rectangular batches are padded to: the model's largest, at least 32 (as Ultralytics' trainer)."""
+    return max(int(model.stride.max()), 32)
+
+
 def build_loader(hyp, data: dict, split: str, batch: int, *, mode: str, stride: int = 32, workers: int | None = None,
                  shuffle: bool | None = None, seed: int = 0, rank: int = -1):
     """Build Ultralytics' YOLO dataset + InfiniteDataLoader for one split.

@@ -33,7 +33,7 @@ from src.quantization.fake_quantize import FakeQuantize
 from src.quantization.observers import nonfinite_observers, take_nonfinite_names
 from src.quantization.utils import NonFiniteObservationError
 from src.training.checkpoint import atomic_save, rng_state, set_rng_state
-from src.training.data import build_loader, hyperparameters, preprocess_batch
+from src.training.data import build_loader, hyperparameters, loader_stride, preprocess_batch
 from src.training.ema import QATModelEMA
 from src.training.evaluate import evaluate
 
@@ -215,7 +215,7 @@ class QATTrainer:
         """Run (or continue) the epochs; returns the model to evaluate/export."""
         tp = self.cfg.train_params
         self.weights_dir.mkdir(parents=True, exist_ok=True)
-        stride = max(int(self.model.stride.max()), 32)
+        stride = loader_stride(self.model)
         batch = tp.batch_size // self.world_size if self.world_size > 1 else tp.batch_size
         loader = build_loader(self.hyp, self.data, "train", batch, mode="train", stride=stride, seed=tp.seed,
                               rank=self.rank if self.world_size > 1 else -1)
