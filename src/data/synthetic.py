@@ -9,6 +9,10 @@ tiles) with unlabelled clutter (irregular blobs, lines, speckles), sensor noise 
 sometimes blur. Boxes are tight to a shape's drawn pixels (coverage >= 0.5) and amodal, as
 in COCO: they span the whole shape even where a later one hides part of it.
 
+``--difficulty photo`` is the benchmark set where 8-bit is not free: twelve classes (six look-alikes added), up to
+12 objects from 3 % of the side, on crops of real photos that installed packages ship (src.data.photos), with
+photo-textured and low-contrast fills and unlabelled occluders drawn over the shapes.
+
 Images are JPEG at quality 95: about a quarter of PNG's size on these noisy textures,
 and compression artefacts like real camera data. The same seed gives byte-identical
 files with the same OpenCV build. Each image draws from its own generator seeded by
@@ -35,9 +39,14 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from src.data.photos import photo_pool, pool_record, random_crop
 from src.errors import DataError
 
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross", "ring")
+# The ``photo`` set's further classes: outlines close to the first six (pentagon/hexagon/circle, diamond/square) so
+# that telling them apart at small sizes rests on fine score differences, where 8-bit ranges cost accuracy.
+EXTRA_CLASS_NAMES = ("pentagon", "hexagon", "diamond", "arrow", "crescent", "semicircle")
+ALL_CLASS_NAMES = CLASS_NAMES + EXTRA_CLASS_NAMES
 GENERATOR_NAME = "src.data.synthetic"
 GENERATOR_VERSION = 2  # bump when the rendering changes, so old sets are recognisably different
 
@@ -58,11 +67,20 @@ class Difficulty:
     noise_sigma: tuple[float, float]
     dark_background: bool  # backgrounds darker and greyer than the shapes: contrast comes from the shapes
     solid_fill: float  # probability that a shape is filled with one colour
+    photo_background: bool = False  # a crop of a real photo (src.data.photos) instead of a drawn texture
+    photo_fill: float = 0.0  # probability that a shape is filled with a tinted crop of another photo
+    low_contrast: float = 0.0  # probability that a shape's colour is drawn near the background under it
+    max_occluders: int = 0  # unlabelled blobs drawn over the shapes
+    classes: tuple[str, ...] = CLASS_NAMES  # the default class list
 
 
 DIFFICULTIES = {
     "easy": Difficulty(4, (0.15, 0.55), 2, 0, 8, (1.0, 3.0), True, 0.8),
     "hard": Difficulty(MAX_OBJECTS, SIZE_RANGE, 4, 3, 30, (2.0, 8.0), False, 0.5),
+    # The benchmark set where 8-bit is not free: twelve look-alike classes, many small objects on real photos,
+    # photo-textured and low-contrast fills, occluders over the shapes.
+    "photo": Difficulty(12, (0.03, 0.4), 3, 3, 30, (2.0, 6.0), False, 0.4, photo_background=True, photo_fill=0.25,
+                        low_contrast=0.3, max_occluders=2, classes=ALL_CLASS_NAMES),
 }
 MIN_VISIBLE = 0.5  # a placement that would hide more of an earlier shape is retried elsewhere
 PLACEMENT_TRIES = 20
@@ -92,10 +110,11 @@ def generate_dataset(
         n_val: Number of validation images (>= 1).
         imgsz: Square image side in pixels (>= 32).
         seed: Seed; equal arguments give byte-identical files.
-        classes: Subset of CLASS_NAMES to draw, in label order; all six when None.
+        classes: Subset of ALL_CLASS_NAMES to draw, in label order; the difficulty's default list when None
+            (CLASS_NAMES, or all twelve for ``photo``).
         ext: "jpg" (quality 95) or "png" (lossless, about four times larger).
         progress: Show a progress bar; by default only for 200 images or more.
-        difficulty: "easy" (default) or "hard" (see :class:`Difficulty`).
+        difficulty: "easy" (default), "hard" or "photo" (see :class:`Difficulty`).
 
     Returns:
         Path of the written data.yaml (absolute ``path``, ``train``, ``val``, ``nc``, ``names``).
@@ -103,10 +122,10 @@ def generate_dataset(
     Raises:
         DataError: A bad argument or an output folder this generator did not make.
     """
-    names = _check_classes(classes)
-    _check_args(n_train, n_val, imgsz, ext)
     if difficulty not in DIFFICULTIES:
         raise DataError(f"difficulty={difficulty!r} is unknown; choose from {', '.join(DIFFICULTIES)}")
+    names = _check_classes(classes, DIFFICULTIES[difficulty].classes)
+    _check_args(n_train, n_val, imgsz, ext)
     root = Path(out).expanduser().resolve()
     _prepare_output(root)
 
@@ -145,6 +164,8 @@ def generate_dataset(
             "difficulty": difficulty,
         },
     }
+    if DIFFICULTIES[difficulty].photo_background:
+        data["generator"]["photos"] = pool_record()
     yaml_path = root / "data.yaml"
     header = f"# Synthetic shapes dataset written by `python -m {GENERATOR_NAME}`; regenerate rather than edit.\n"
     yaml_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -178,7 +199,11 @@ def render_image(
         canvas = np.empty((s, s, 3), np.float32)
         canvas[:] = _random_colour(rng)
     else:
-        canvas = _background(rng, s, dark=d.dark_background)
+        if d.photo_background:
+            pool = photo_pool()
+            canvas = random_crop(rng, pool[int(rng.integers(len(pool)))].image, s)
+        else:
+            canvas = _background(rng, s, dark=d.dark_background)
         for _ in range(int(rng.integers(0, d.max_blobs + 1))):
             _draw_blob(rng, canvas, dark=d.dark_background)
         _draw_lines(rng, canvas, int(rng.integers(0, d.max_lines + 1)))
@@ -200,10 +225,16 @@ def render_image(
             continue  # every try hid too much of an earlier shape: draw one fewer
         visible = [vis & ~solid for vis in visible] + [solid]
         shapes.append((cls, solid))
-        texture = colour if plain else _texture(rng, s, colour, d.solid_fill)
+        if d.photo_background and not plain:
+            texture = _photo_texture(rng, s, canvas, solid, colour, d)
+        else:
+            texture = colour if plain else _texture(rng, s, colour, d.solid_fill)
         canvas += alpha[..., None] * (texture - canvas)
 
     if not plain:
+        if d.max_occluders:  # after the shapes, so they hide parts of them; boxes stay amodal
+            for _ in range(int(rng.integers(0, d.max_occluders + 1))):
+                _draw_blob(rng, canvas)
         _draw_lines(rng, canvas, int(rng.integers(0, min(d.max_lines, 2) + 1)), max_thickness=1)
         _draw_speckles(rng, canvas, d.max_speckles)
         if rng.random() < 0.3:
@@ -281,6 +312,20 @@ def _texture(rng: np.random.Generator, s: int, colour: np.ndarray, solid: float 
     return np.clip(colour * (0.7 + 0.6 * noise[..., None]), 0, 255).astype(np.float32)
 
 
+def _photo_texture(
+    rng: np.random.Generator, s: int, canvas: np.ndarray, solid: np.ndarray, colour: np.ndarray, d: Difficulty
+) -> np.ndarray:
+    """Fill of one shape of a photo scene: sometimes a colour near the background under the shape (low
+    contrast), sometimes a tinted crop of another photo, otherwise the drawn textures."""
+    if rng.random() < d.low_contrast:
+        colour = np.clip(canvas[solid].mean(axis=0) + rng.uniform(-45, 45, 3), 0, 255).astype(np.float32)
+    if rng.random() < d.photo_fill:
+        pool = photo_pool()
+        crop = random_crop(rng, pool[int(rng.integers(len(pool)))].image, s)
+        return 0.5 * crop + 0.5 * colour
+    return _texture(rng, s, colour, d.solid_fill)
+
+
 def _shape_polygon(rng: np.random.Generator, name: str) -> list[np.ndarray]:
     """Unit-size outline(s) of a class, centred at 0, before rotation and stretch; rings return outer and hole."""
     if name == "circle":
@@ -304,7 +349,24 @@ def _shape_polygon(rng: np.random.Generator, name: str) -> list[np.ndarray]:
         ]
     if name == "ring":
         return [_regular(64, 1.0), _regular(64, rng.uniform(0.45, 0.7))]
-    raise ValueError(f"unknown shape {name!r}; expected one of {CLASS_NAMES}")
+    if name == "pentagon":
+        return [_regular(5, 1.0)]
+    if name == "hexagon":
+        return [_regular(6, 1.0)]
+    if name == "diamond":
+        w = rng.uniform(0.5, 0.7)
+        return [np.array([[0, -1], [w, 0], [0, 1], [-w, 0]], np.float64)]
+    if name == "arrow":
+        shaft, head = rng.uniform(0.2, 0.3), rng.uniform(0.55, 0.75)
+        return [np.array([[-1, -shaft], [0.15, -shaft], [0.15, -head], [1, 0], [0.15, head], [0.15, shaft],
+                          [-1, shaft]], np.float64)]
+    if name == "crescent":
+        hole = _regular(64, rng.uniform(0.75, 0.9)) + [rng.uniform(0.35, 0.5), 0.0]
+        return [_regular(64, 1.0), hole]
+    if name == "semicircle":
+        angles = np.linspace(0, math.pi, 33)
+        return [np.stack([np.cos(angles), np.sin(angles) - 0.42], axis=1)]
+    raise ValueError(f"unknown shape {name!r}; expected one of {ALL_CLASS_NAMES}")
 
 
 def _regular(n: int, radius: float, offset: float = -math.pi / 2) -> np.ndarray:
@@ -381,17 +443,17 @@ def _write_image(path: Path, image: np.ndarray, ext: str) -> None:
         raise DataError(f"OpenCV could not write {path}; check that the folder is writable and has free space.")
 
 
-def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
+def _check_classes(classes: Sequence[str] | None, default: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
     if classes is None:
-        return CLASS_NAMES
+        return default
     names = tuple(classes)
     if not names:
-        raise DataError(f"classes is empty; name at least one of {list(CLASS_NAMES)} or omit it for all six.")
+        raise DataError(f"classes is empty; name at least one of {list(ALL_CLASS_NAMES)} or omit it for the default.")
     for name in names:
-        if name not in CLASS_NAMES:
-            close = difflib.get_close_matches(name, CLASS_NAMES, n=1)
+        if name not in ALL_CLASS_NAMES:
+            close = difflib.get_close_matches(name, ALL_CLASS_NAMES, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise DataError(f"unknown class {name!r}; choose from {list(CLASS_NAMES)}.{hint}")
+            raise DataError(f"unknown class {name!r}; choose from {list(ALL_CLASS_NAMES)}.{hint}")
     if len(set(names)) != len(names):
         raise DataError(f"classes {list(names)} repeats a name; list each class once.")
     return names
@@ -446,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
         "--classes", nargs="+", default=None, metavar="NAME",
-        help=f"shapes to draw, in label order, from: {' '.join(CLASS_NAMES)} (default: all)",
+        help=f"shapes to draw, in label order, from: {' '.join(ALL_CLASS_NAMES)} (default: the first six; all "
+             "twelve for --difficulty photo)",
     )
     parser.add_argument("--ext", choices=("jpg", "png"), default="jpg", help="image format (default: %(default)s)")
     parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="easy",
