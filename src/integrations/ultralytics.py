@@ -6,6 +6,7 @@ module must not pull Ultralytics in before ``src.env.prepare_environment()`` has
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from types import ModuleType
@@ -111,13 +112,33 @@ def load_detection_checkpoint(path, *, trusted: bool = False) -> nn.Module:
     # deferred: Ultralytics must be imported after src.env.prepare_environment()
     from ultralytics.nn import tasks
 
-    previous = tasks.SAFE_LOAD
-    tasks.SAFE_LOAD = not trusted
-    try:
+    with _restricted_unpickling(not trusted):
         model, _ = tasks.load_checkpoint(path, device="cpu")
+    return model
+
+
+def load_yolo(path, *, trusted: bool = False):
+    """Ultralytics' ``YOLO`` wrapper (predict, val) of a checkpoint file, unpickled as load_detection_checkpoint
+    does: restricted unless ``trusted``."""
+    # deferred: Ultralytics must be imported after src.env.prepare_environment()
+    from ultralytics import YOLO
+
+    with _restricted_unpickling(not trusted):
+        return YOLO(str(path), task="detect")
+
+
+@contextlib.contextmanager
+def _restricted_unpickling(on: bool):
+    """Ultralytics' SAFE_LOAD switch, which torch_safe_load reads on every call, set only inside the block."""
+    # deferred: Ultralytics must be imported after src.env.prepare_environment()
+    from ultralytics.nn import tasks
+
+    previous = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = on
+    try:
+        yield
     finally:
         tasks.SAFE_LOAD = previous
-    return model
 
 
 def report_unreadable_images() -> None:
