@@ -37,11 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.contenders import FP32_REFERENCE, Contender, select, seeds_for  # noqa: E402
+from benchmarks.contenders import FP32_REFERENCE, START_REFERENCE, Contender, select, seeds_for  # noqa: E402
 from benchmarks.fairness import (check_convergence, find_results_csv, split_images, subset_dataset,  # noqa: E402
                                  val_split_warning)
-from benchmarks.report import (aggregate, attach_latency, attach_step_ratio, markdown_table, plot,  # noqa: E402
-                               results_doc, write_json)
+from benchmarks.report import (aggregate, attach_latency, attach_step_ratio, attach_vs_start,  # noqa: E402
+                               markdown_table, plot, results_doc, write_json)
 
 LOG_TAIL_LINES = 15
 
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                           (20 if a.quick else 50))
     attach_latency(rows, latency)
     attach_step_ratio(rows, FP32_REFERENCE)
+    attach_vs_start(rows, START_REFERENCE)
     settings = {**base, "seeds": seeds, "quick": a.quick, "latency_threads": threads, "warnings": warnings,
                 "n_val_images": n_val, "total_wall_s": round(time.time() - t_start, 1),
                 "recipe": "SGD, lr {}, cosine to lr x 0.01, momentum/weight decay/warm-up from configs/qat_config.yaml "

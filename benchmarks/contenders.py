@@ -9,9 +9,14 @@ from dataclasses import dataclass, field
 OURS = "ours"  # train_qat.py (calibration, and QAT unless --epochs 0)
 ULTRA_TRAIN = "ultralytics_train"  # YOLO(fp32).train(...), optionally quantize=8 (ModelOpt QAT) and distill_model
 ULTRA_PTQ = "ultralytics_ptq"  # YOLO(fp32).export(format="openvino", quantize=8) (NNCF post-training quantization)
+NNCF_AC = "nncf_accuracy_control"  # nncf.quantize_with_accuracy_control on Ultralytics' FP32 IR
+
+FP32_EVAL = "fp32_start"  # the user's FP32 model itself: evaluated and exported, not trained
 
 # The float reference every step-time ratio is taken against.
 FP32_REFERENCE = "fp32_finetuned"
+# The model every accuracy is compared with ("vs start" column): the FP32 model the user brought.
+START_REFERENCE = "fp32_start"
 
 
 @dataclass(frozen=True)
@@ -26,12 +31,16 @@ class Contender:
 
 
 CONTENDERS: tuple[Contender, ...] = (
+    Contender(START_REFERENCE, FP32_EVAL, False, "the FP32 start model as it is (the reference of the vs-start "
+              "column), its FP32 OpenVINO export", quick=True),
     Contender(FP32_REFERENCE, ULTRA_TRAIN, True, "FP32 trained N more epochs with the same recipe (float reference)",
               quick=True),
     Contender("ptq_ours", OURS, False, "calibration only, our placement (train_qat.py --epochs 0)", ("--epochs", "0"),
               quick=True),
     Contender("ptq_ultralytics", ULTRA_PTQ, False, "Ultralytics OpenVINO export quantize=8 (NNCF PTQ), calibrated "
               "on the train split", quick=True),
+    Contender("ptq_nncf_ac", NNCF_AC, False, "NNCF accuracy-controlled PTQ (max drop 0.2 points vs the FP32 IR), "
+              "calibrated on the train split", quick=True),
     Contender("qat_ultralytics", ULTRA_TRAIN, True, "Ultralytics train quantize=8 (NVIDIA ModelOpt QAT), ONNX Q/DQ "
               "export run in OpenVINO", ultralytics={"quantize": 8}, quick=True),
     Contender("qat_ultralytics_kd", ULTRA_TRAIN, True, "as qat_ultralytics plus distill_model=<the FP32 model>",

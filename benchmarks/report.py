@@ -65,6 +65,7 @@ def aggregate(name: str, runs: list[dict], description: str = "") -> dict:
     row.setdefault("latency_iqr_ms", None)
     row.setdefault("latency_f32_ms", None)
     row.setdefault("step_time_ratio", None)
+    row.setdefault("vs_start_points", None)
     return row
 
 
@@ -87,6 +88,15 @@ def attach_step_ratio(rows: list[dict], reference: str) -> None:
     for row in rows:
         t = row.get("step_time_s")
         row["step_time_ratio"] = None if (t is None or not ref) else t / ref
+
+
+def attach_vs_start(rows: list[dict], reference: str) -> None:
+    """``vs_start_points`` = (a contender's export mAP50-95, else its PyTorch one) - the start model's PyTorch
+    mAP50-95, in points: what the user loses against the FP32 model they brought."""
+    ref = next((r.get("map50_95") for r in rows if r["name"] == reference), None)
+    for row in rows:
+        value = row.get("export_map50_95") if row.get("export_map50_95") is not None else row.get("map50_95")
+        row["vs_start_points"] = None if (value is None or ref is None) else 100.0 * (value - ref)
 
 
 def results_doc(rows: list[dict], *, machine: dict, date: str, command: str, settings: dict,
@@ -156,12 +166,13 @@ def markdown_table(doc: dict) -> str:
         "mAP: PyTorch model (fake-quant for ours and ModelOpt) on the val split; export mAP: the OpenVINO IR through "
         "Ultralytics' validator. Latency: OpenVINO CPU, batch 1, median of interleaved runs over all contenders; "
         "f32 = the same IR with INFERENCE_PRECISION_HINT=f32. INT8 convs: convolutions that run u8/i8 in the compiled "
-        "OpenVINO graph / all convolutions. Step ratio: median training-step time / fp32_finetuned's. ± = sample "
-        "standard deviation over seeds.",
+        "OpenVINO graph / all convolutions. Step ratio: median training-step time / fp32_finetuned's. vs start: "
+        "export mAP50-95 (PyTorch where there is no export) minus fp32_start's PyTorch mAP50-95, in points. ± = "
+        "sample standard deviation over seeds.",
         "",
-        "| contender | status | mAP50 | mAP50-95 | export mAP50 | export mAP50-95 | latency ms | f32 ms | INT8 convs "
-        "| size MB | step ratio | wall s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| contender | status | mAP50 | mAP50-95 | export mAP50 | export mAP50-95 | vs start | latency ms | f32 ms "
+        "| INT8 convs | size MB | step ratio | wall s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["contenders"]:
         n_ok = sum(1 for x in r["seeds"] if x.get("status") == STATUS_OK)
@@ -170,7 +181,7 @@ def markdown_table(doc: dict) -> str:
             f"{_with_std(r['map50_95'], r.get('map50_95_std'), '.4f')} | "
             f"{_with_std(r['export_map50'], r.get('export_map50_std'), '.4f')} | "
             f"{_with_std(r['export_map50_95'], r.get('export_map50_95_std'), '.4f')} | "
-            f"{_num(r['latency_ms'], '.2f')} | {_num(r['latency_f32_ms'], '.2f')} | {_coverage(r)} | "
+            f"{_num(r.get('vs_start_points'), '+.2f')} | {_num(r['latency_ms'], '.2f')} | {_num(r['latency_f32_ms'], '.2f')} | {_coverage(r)} | "
             f"{_num(r['size_mb'], '.2f')} | {_num(r['step_time_ratio'], '.2f')} | {_num(r['wall_s'], '.0f')} | "
             f"{n_ok}/{len(r['seeds'])} |"
         )

@@ -177,7 +177,33 @@ def run_ultralytics_ptq(c, spec: dict, out: Path) -> dict:
             "command": f"YOLO({str(start)!r}).export(**{args!r})"}
 
 
-RUNNERS = {"ours": run_ours, "ultralytics_train": run_ultralytics_train, "ultralytics_ptq": run_ultralytics_ptq}
+def run_fp32_start(c, spec: dict, out: Path) -> dict:
+    """The start model evaluated as it is, and exported to an FP32 OpenVINO IR by Ultralytics."""
+    from ultralytics import YOLO
+
+    start = _start_copy(spec, out)
+    yolo = YOLO(str(start))
+    m = _evaluate(yolo.model, spec)
+    ov_dir = yolo.export(format="openvino", imgsz=spec["imgsz"])
+    xml = Path(sorted(glob.glob(str(Path(ov_dir) / "*.xml")))[0])
+    return {"map50": m["map50"], "map50_95": m["map50_95"], "export_path": str(xml),
+            "command": f"YOLO({str(start)!r}).export(format='openvino', imgsz={spec['imgsz']})"}
+
+
+def run_nncf_accuracy_control(c, spec: dict, out: Path) -> dict:
+    """nncf.quantize_with_accuracy_control with a 0.2-point mAP50-95 budget (benchmarks/nncf_accuracy_control.py)."""
+    from benchmarks.nncf_accuracy_control import quantize_with_accuracy_control
+
+    start = _start_copy(spec, out)
+    xml, search = quantize_with_accuracy_control(start, spec["data"], spec["imgsz"], max_drop_points=0.2)
+    return {"map50": None, "map50_95": None, "export_path": str(xml), "search": search,
+            "note": "NNCF quantizes the OpenVINO graph: there is no PyTorch model to evaluate (torch mAP empty)",
+            "command": f"benchmarks/nncf_accuracy_control.py quantize_with_accuracy_control({str(start)!r}, "
+                       f"{spec['data']!r}, {spec['imgsz']}, max_drop_points=0.2)"}
+
+
+RUNNERS = {"ours": run_ours, "ultralytics_train": run_ultralytics_train, "ultralytics_ptq": run_ultralytics_ptq,
+           "nncf_accuracy_control": run_nncf_accuracy_control, "fp32_start": run_fp32_start}
 
 
 def measure_export(xml: Path, spec: dict) -> dict:

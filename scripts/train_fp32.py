@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr0", type=float, default=0.01)
     p.add_argument("--warmup-epochs", type=float, default=3.0, help="0 when continuing from a trained model")
+    p.add_argument("--close-mosaic", type=int, default=10, help="last epochs without mosaic (Ultralytics' default 10; "
+                   "= --epochs for a continuation stage without mosaic)")
     p.add_argument("--out", default="models/pretrained/yolov8n_shapes.pt")
     p.add_argument("--project", default="runs/fp32")
     p.add_argument("--name", default=None, help="run name under --project (default: train, or continue for a .pt)")
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     model = YOLO(a.model)
     model.train(data=a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, workers=a.workers, device="cpu",
                 optimizer="SGD", lr0=a.lr0, momentum=0.937, weight_decay=0.0005, warmup_epochs=a.warmup_epochs,
-                seed=a.seed, nbs=a.batch,
+                close_mosaic=a.close_mosaic, seed=a.seed, nbs=a.batch,
                 deterministic=True, plots=False, project=str(Path(a.project).resolve()), name=name, exist_ok=True,
                 amp=False,
                 verbose=False)

@@ -141,8 +141,9 @@ def test_results_md_table():
     assert [r.split("|")[1].strip() for r in rows] == [FP32_REFERENCE, "qat_ours", "qat_ultralytics"]
     qat = rows[1].split("|")
     assert qat[4].strip() == f"0.4100 ± {statistics.stdev([0.40, 0.42]):.4f}"  # mAP50-95 mean ± std
-    assert qat[7].strip() == "4.00" and qat[8].strip() == "9.50"  # latency, f32 latency
-    assert qat[9].strip() == "63/64" and qat[11].strip() == "2.00" and qat[13].strip() == "2/2"
+    assert qat[7].strip() == "–"  # vs start: make_doc has no fp32_start row
+    assert qat[8].strip() == "4.00" and qat[9].strip() == "9.50"  # latency, f32 latency
+    assert qat[10].strip() == "63/64" and qat[12].strip() == "2.00" and qat[14].strip() == "2/2"
     assert rows[2].split("|")[2].strip() == "failed"
     assert "- **qat_ultralytics** (failed): seed 0: AssertionError: CUDA required" in md
     assert "**warning:** val split small" in md
@@ -152,6 +153,18 @@ def test_results_md_table():
     assert "- **qat_ultralytics** (failed): seed 0: process ended; last log lines:\n\n  ```\n  Traceback (most " \
         "recent call last):\n  Killed\n  ```\n" in md
     assert "`python benchmarks/compare.py --quick`" in md
+
+
+def test_vs_start_is_export_map_minus_the_start_models_torch_map_in_points():
+    rows = [report.aggregate("fp32_start", [seed_result("fp32_start", 0, map50_95=0.50, export_map50_95=0.49)]),
+            report.aggregate("ptq", [seed_result("ptq", 0, map50_95=0.47, export_map50_95=0.46)]),
+            report.aggregate("torch_only", [seed_result("torch_only", 0, map50_95=0.52, export_map50_95=None)])]
+    report.attach_vs_start(rows, "fp32_start")
+    assert [r["vs_start_points"] for r in rows] == pytest.approx([-1.0, -4.0, 2.0])
+    md = report.markdown_table(report.results_doc(rows, machine={}, date="", command="", settings={}))
+    assert "| ptq | ok |" in md and " -4.00 |" in md
+    report.attach_vs_start(rows[1:], "fp32_start")  # no start row: the column stays empty
+    assert rows[1]["vs_start_points"] is None
 
 
 def test_plot_writes_png(tmp_path):
@@ -232,7 +245,8 @@ def test_subset_dataset_copies_first_images_and_labels(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def test_contender_selection():
     quick = [c.name for c in select(None, quick=True)]
-    assert quick == ["fp32_finetuned", "ptq_ours", "ptq_ultralytics", "qat_ultralytics", "qat_ours"]
+    assert quick == ["fp32_start", "fp32_finetuned", "ptq_ours", "ptq_ultralytics", "ptq_nncf_ac", "qat_ultralytics",
+                     "qat_ours"]
     assert [c.name for c in select(None, quick=False)] == [c.name for c in CONTENDERS]
     assert [c.name for c in select("qat_ours_kd, ptq_ours", quick=True)] == ["ptq_ours", "qat_ours_kd"]
     with pytest.raises(ValueError, match="did you mean 'qat_ours_sensitive'"):

@@ -139,13 +139,13 @@ def torch_map(model, data: str, imgsz: int, device: str, work: Path) -> tuple[fl
     return float(stats["metrics/mAP50(B)"]), float(stats["metrics/mAP50-95(B)"])
 
 
-def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
-    """The first ``n`` validation images, letterboxed to ``imgsz`` as the validator does: (n, 3, h, w) float32 RGB."""
-    import cv2  # deferred: heavy dependency
+def split_files(data: str, split: str = "val") -> list[Path]:
+    """The image files of a dataset split, in sorted order (a folder's images or a .txt list's lines)."""
+    # deferred: Ultralytics reads its environment at import, after prepare_environment()
     from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
 
     d = check_det_dataset(data)
-    roots = d["val"] if isinstance(d["val"], list) else [d["val"]]
+    roots = d[split] if isinstance(d[split], list) else [d[split]]
     files: list[Path] = []
     for r in roots:
         r = Path(r)
@@ -153,9 +153,16 @@ def parity_images(data: str, imgsz: int, n: int) -> np.ndarray:
             files += sorted(f for f in r.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS)
         elif r.suffix == ".txt":
             files += [Path(line.strip()) for line in r.read_text().splitlines() if line.strip()]
-    files = files[:n]
+    return files
+
+
+def parity_images(data: str, imgsz: int, n: int, split: str = "val") -> np.ndarray:
+    """The first ``n`` images of a split, letterboxed to ``imgsz`` as the validator does: (n, 3, h, w) float32 RGB."""
+    import cv2  # deferred: heavy dependency
+
+    files = split_files(data, split)[:n]
     if not files:
-        raise ValidationInputError(f"--data {data}: no validation images found for the parity check")
+        raise ValidationInputError(f"--data {data}: no {split} images found for the parity check")
     batch = [preprocess_image(im, imgsz)[0] for im in (cv2.imread(str(f)) for f in files) if im is not None]
     return np.stack(batch)
 
