@@ -176,7 +176,7 @@ def test_precedence_defaults_preset_yaml_cli():
     }
     cfg = build_config(data, cli_overrides={"train_params.epochs": 5, "train_params.batch_size": None})
     act = cfg.quantization.activation
-    assert act.observer == "histogram"  # preset over built-in default (moving_average_minmax)
+    assert act.observer == "histogram"  # preset over built-in default
     assert act.histogram_method == "percentile"  # YAML over preset (mse)
     assert cfg.quantization.fake_quantize.type == "lsq"  # preset, YAML silent
     assert cfg.train_params.epochs == 5  # CLI over YAML
@@ -187,7 +187,7 @@ def test_precedence_defaults_preset_yaml_cli():
 
 def test_cli_qconfig_replaces_shipped_yaml_sections(caplog):
     shipped = yaml.safe_load(SHIPPED.read_text())
-    assert shipped["quantization"]["activation"]["observer"] == "moving_average_minmax"
+    assert shipped["quantization"]["activation"]["observer"] == "histogram"
     with caplog.at_level(logging.INFO, logger="yolov8_qat"):
         cfg = load_config(SHIPPED, qconfig="sensitive")
     sensitive = preset_sections("sensitive")
@@ -200,7 +200,8 @@ def test_cli_qconfig_replaces_shipped_yaml_sections(caplog):
     assert [e.pattern for e in cfg.layer_configs] == ["model.0.conv", "model.[0-9]+.detect"]
     # Without --qconfig, the file's explicit sections win over the preset it names.
     plain = load_config(SHIPPED)
-    assert plain.quantization.activation.observer == "moving_average_minmax"
+    assert (plain.quantization.activation.observer, plain.quantization.activation.histogram_method) == (
+        "histogram", "percentile")
     assert plain.quantization.activation != cfg.quantization.activation
 
 

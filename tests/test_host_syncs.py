@@ -35,10 +35,12 @@ def test_frozen_range_qat_step_makes_no_host_sync(qconfig):
 
 def test_qat_step_with_observers_running_makes_no_host_sync():
     """With the trainer's deferred finite checks the observers too stay on the device (one read per step, later)."""
-    model, _ = calibrated_qat_model(64)
+    # min/max-style activation observers follow during QAT (histogram ones stay frozen after calibration)
+    model, _ = calibrated_qat_model(64, overrides={"quantization.activation.observer": "moving_average_minmax"})
     model.train()
     set_observers(model, True, histograms=False)
     observers = [q.observer for _, q in quantizers(model) if q.observing]
+    assert sum(o.kind == "moving_average_minmax" for o in observers) >= 30  # of 44 activation quantizers
     for o in observers:
         o.defer_finite_check = True
     counts = count_host_syncs(_step(model))

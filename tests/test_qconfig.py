@@ -52,7 +52,8 @@ def test_presets_are_what_they_claim():
     assert (d["weight"].dtype, d["weight"].observer_kind, d["weight"].symmetric, d["weight"].bit_width) == (
         "qint8", "per_channel_minmax", True, 8)
     assert (d["activation"].dtype, d["activation"].scheme, d["activation"].symmetric, d["activation"].observer) == (
-        "quint8", "per_tensor", False, "moving_average_minmax")
+        "quint8", "per_tensor", False, "histogram")
+    assert (d["activation"].histogram_method, d["activation"].percentile) == ("percentile", 99.99)
     assert d["fake_quantize"].type == "ste"
 
     t = preset_sections("tensorrt")
@@ -153,18 +154,18 @@ def test_spec_patterns_select_first_conv_and_detect_head(yolov8n, aliases):
 
 def test_entries_apply_in_order_key_by_key():
     cfg = build_config({"layer_configs": [
-        {"pattern": "model.0", "activation": {"observer": "histogram", "bit_width": 6}, "weight": {"bit_width": 4}},
+        {"pattern": "model.0", "activation": {"observer": "minmax", "bit_width": 6}, "weight": {"bit_width": 4}},
         {"pattern": "conv$", "activation": {"bit_width": 7}},
         {"pattern": "nothing-here", "activation": {"bit_width": 2}},
     ]})
     r = resolve_layer_qconfig(cfg, "model.0.conv")
     assert r.matched == [0, 1]
     assert r.activation.bit_width == 7  # later entry wins
-    assert r.activation.observer == "histogram"  # earlier key not touched by the later entry survives
+    assert r.activation.observer == "minmax"  # earlier key not touched by the later entry survives
     assert r.weight.bit_width == 4
     assert r.activation.averaging_constant == cfg.quantization.activation.averaging_constant  # global
     other = resolve_layer_qconfig(cfg, "model.3.conv")
-    assert other.matched == [1] and other.activation.observer == "moving_average_minmax" and other.weight.bit_width == 8
+    assert other.matched == [1] and other.activation.observer == "histogram" and other.weight.bit_width == 8
     untouched = resolve_layer_qconfig(cfg, "model.3.m")
     assert untouched.matched == [] and untouched.activation == cfg.quantization.activation
     # Swapping the two overlapping entries flips the winner.
@@ -192,7 +193,8 @@ def test_shipped_config_on_yolov8n(yolov8n):
     resolved = resolve_model_qconfigs(load_config(SHIPPED), yolov8n)
     assert resolved["model.0.conv"].activation.observer == "histogram"
     assert resolved["model.0.conv"].matched == [0]
-    assert resolved["model.1.conv"].activation.observer == "moving_average_minmax"
+    assert resolved["model.1.conv"].activation.observer == "histogram"  # the preset's, no rule matched
+    assert resolved["model.1.conv"].matched == []
     for name, r in resolved.items():
         in_head = name.startswith("model.22.")
         assert r.fake_quantize.type == ("lsq" if in_head else "ste"), name

@@ -18,13 +18,19 @@ _INT8_PER_CHANNEL_WEIGHTS = {
     "bit_width": 8,
     "ch_axis": 0,
 }
+# Histogram percentile ranges, not min/max: real models' activations have outliers that min/max spends the grid on
+# (Ultralytics' COCO yolov8n: moving-average min/max ranges about twice as wide, PTQ -4.8 mAP50-95 points on real
+# photos; percentile 99.99: -0.4; the shapes and photo sets: within 0.1 point of min/max). Histogram sites are
+# frozen after calibration (the trainer lets only min/max-style observers follow during QAT).
 _U8_ASYMMETRIC_ACTIVATIONS = {
     "dtype": "quint8",
     "scheme": "per_tensor",
-    "observer": "moving_average_minmax",
+    "observer": "histogram",
     "symmetric": False,
     "bit_width": 8,
-    "averaging_constant": 0.01,
+    "histogram_bins": 2048,
+    "histogram_method": "percentile",
+    "percentile": 99.99,
 }
 _STE = {"type": "ste", "grad_factor": 1.0, "learn_zero_point": False}
 
@@ -35,8 +41,8 @@ DETECT_PATTERN = r"^model\.\d+\.detect(\.|$)"
 
 PRESETS: dict[str, dict] = {
     "default": {
-        "description": "int8 per-channel symmetric min/max weights, uint8 per-tensor asymmetric moving-average "
-        "min/max activations, STE gradients",
+        "description": "int8 per-channel symmetric min/max weights, uint8 per-tensor asymmetric activations with "
+        "histogram (99.99th percentile) ranges, STE gradients",
         "weight": dict(_INT8_PER_CHANNEL_WEIGHTS),
         "activation": dict(_U8_ASYMMETRIC_ACTIVATIONS),
         "fake_quantize": dict(_STE),
