@@ -461,6 +461,8 @@ class QATParams(_Section):
     ``freeze_observers_epoch`` / ``freeze_bn_epoch``: 0-based epoch index at whose start observers (ranges) and BN
     running statistics stop updating; null = never. BN freezing only matters with ``fuse_modules: false`` (folded
     models have no BN left). ``use_lsq``: true forces LSQ, false forces STE, null lets the preset decide.
+    ``bias_correction``: after calibration, each quantized conv's bias absorbs the mean output shift its
+    quantization causes on the calibration images (src/models/bias_correction.py).
     """
 
     skip_detection_head: bool = False
@@ -472,6 +474,7 @@ class QATParams(_Section):
     fine_tuning_epochs: int = 1
     calibration_images: int = 256
     calibration_batch_size: int = 16
+    bias_correction: bool = True
     freeze_observers_epoch: int | None = 1
     freeze_bn_epoch: int | None = 1
     lsq_lr_scale: float = 1.0

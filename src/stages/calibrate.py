@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from src.models.bias_correction import correct_biases
 from src.quantization.calibration import calibrate
 from src.stages.context import RunContext
 from src.stages.prepare import prepare_model
@@ -29,6 +30,8 @@ def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
     """
     model = prepare_model(fp32_model, cfg, bit_overrides).to(device)
     calibrate(model, images(), num_images, progress=progress)
+    if cfg.qat_params.bias_correction:
+        correct_biases(model, images(), num_images)
     return model
 
 
@@ -54,8 +57,10 @@ class TrainingImages:
 def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:
     """Calibrate the run's prepared ``model`` in place on ``qat_params.calibration_images`` training images."""
     model.to(ctx.device)
-    calibrate(model, TrainingImages(ctx.cfg, ctx.data, ctx.device, loader_stride(model)),
-              ctx.cfg.qat_params.calibration_images)
+    images = TrainingImages(ctx.cfg, ctx.data, ctx.device, loader_stride(model))
+    calibrate(model, images, ctx.cfg.qat_params.calibration_images)
+    if ctx.cfg.qat_params.bias_correction:
+        correct_biases(model, images, ctx.cfg.qat_params.calibration_images)
     return model
 
 
