@@ -39,7 +39,7 @@ def test_first_conv_output_mean_is_restored_exactly():
     q, f = _output_means(block, images, model)
     before = (q - (f + original_bias)).abs().max()
     assert before > 1e-4  # quantization did shift the mean: the test can fail
-    n = correct_biases(model, images, num_images=6, passes=1)
+    n = correct_biases(model, lambda: iter(images), num_images=6, passes=1)
     assert n == 63
     q, f = _output_means(block, images, model)
     assert torch.allclose(q, f + original_bias, atol=1e-5, rtol=0), (q - f - original_bias).abs().max()
@@ -50,7 +50,7 @@ def test_passes_restart_from_the_original_bias_and_only_num_images_are_used():
     block = dict(correctable_convs(model))["model.0"]
     start = block.conv.bias.detach().clone()
     images = _images()
-    correct_biases(model, images, num_images=2, passes=2)  # only the first batch (2 images)
+    correct_biases(model, lambda: iter(images), num_images=2, passes=2)  # only the first batch (2 images)
     shift = OutputShift()
     with torch.no_grad():
         shift.collect(block, images[0])

@@ -14,7 +14,7 @@ Measured on Ultralytics' COCO yolov8n, PTQ on its pseudo-labelled real photos at
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +61,10 @@ def correctable_convs(model: nn.Module) -> list[tuple[str, QuantConv]]:
 
 
 @torch.no_grad()
-def correct_biases(model: nn.Module, batches: Iterable[torch.Tensor], num_images: int, passes: int = PASSES) -> int:
-    """Correct the biases of a calibrated model in place on ``num_images`` images of ``batches`` (re-iterated per
-    pass); returns how many convs were corrected."""
+def correct_biases(model: nn.Module, images: Callable[[], Iterable[torch.Tensor]], num_images: int,
+                   passes: int = PASSES) -> int:
+    """Correct the biases of a calibrated model in place on ``num_images`` images; ``images`` opens the image
+    batches anew for every pass. Returns how many convs were corrected."""
     convs = correctable_convs(model)
     if not convs or passes < 1:
         return 0
@@ -79,7 +80,7 @@ def correct_biases(model: nn.Module, batches: Iterable[torch.Tensor], num_images
                        for n, m in convs]
             try:
                 seen = 0
-                for x in batches:
+                for x in images():
                     x = x[: num_images - seen]
                     model(x)
                     seen += x.shape[0]

@@ -31,7 +31,7 @@ def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
     model = prepare_model(fp32_model, cfg, bit_overrides).to(device)
     calibrate(model, images(), num_images, progress=progress)
     if cfg.qat_params.bias_correction:
-        correct_biases(model, images(), num_images)
+        correct_biases(model, images, num_images)
     return model
 
 
@@ -60,7 +60,7 @@ def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:
     images = TrainingImages(ctx.cfg, ctx.data, ctx.device, loader_stride(model))
     calibrate(model, images, ctx.cfg.qat_params.calibration_images)
     if ctx.cfg.qat_params.bias_correction:
-        correct_biases(model, images, ctx.cfg.qat_params.calibration_images)
+        correct_biases(model, lambda: images, ctx.cfg.qat_params.calibration_images)
     return model
 
 
