@@ -10,7 +10,6 @@ passes (its ranking uses subsets).
 
 from __future__ import annotations
 
-import glob
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,12 +73,13 @@ def quantize_with_accuracy_control(start: Path, data: str, imgsz: int, max_drop_
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
     from ultralytics import YOLO
 
+    from benchmarks.run_contender import ir_in
     from src.export.validate import parity_images, split_files
 
     yolo = YOLO(str(start))
     names = dict(yolo.names)
     fp32_dir = Path(yolo.export(format="openvino", imgsz=imgsz))
-    fp32_xml = Path(sorted(glob.glob(str(fp32_dir / "*.xml")))[0])
+    fp32_xml = ir_in(fp32_dir)
     model = ov.Core().read_model(str(fp32_xml))
     calibration = list(parity_images(data, imgsz, CALIBRATION_IMAGES, split="train")[:, None])
     val_files = [str(f) for f in split_files(data, "val")]

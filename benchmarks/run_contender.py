@@ -118,6 +118,14 @@ def recipe(spec: dict, config: Path = DEFAULT_CONFIG) -> dict:
                 nbs=tp.nominal_batch_size or spec["batch"], amp=tp.amp, plots=False, verbose=False)
 
 
+NNCF_NOTE = "NNCF quantizes the OpenVINO graph: there is no PyTorch model to evaluate (torch mAP empty)"
+
+
+def ir_in(ov_dir) -> Path:
+    """The IR (.xml) of an OpenVINO model directory Ultralytics' exporter wrote."""
+    return Path(sorted(glob.glob(str(Path(ov_dir) / "*.xml")))[0])
+
+
 def _start_copy(spec: dict, out: Path) -> Path:
     """A private copy of the start model: Ultralytics writes exports beside the .pt it loads."""
     start = out / "start.pt"
@@ -159,7 +167,7 @@ def run_ultralytics_train(c, spec: dict, out: Path) -> dict:
                               read_metadata(onnx_path))
     else:
         ov_dir = trained.export(format="openvino", imgsz=spec["imgsz"])
-        xml = Path(sorted(glob.glob(str(Path(ov_dir) / "*.xml")))[0])
+        xml = ir_in(ov_dir)
     return {"map50": m["map50"], "map50_95": m["map50_95"], "export_path": str(xml),
             "command": f"YOLO({str(start)!r}).train(**{args!r})"}
 
@@ -171,9 +179,9 @@ def run_ultralytics_ptq(c, spec: dict, out: Path) -> dict:
     start = _start_copy(spec, out)
     args = dict(format="openvino", quantize=8, data=spec["data"], split="train", imgsz=spec["imgsz"], batch=1)
     ov_dir = YOLO(str(start)).export(**args)
-    xml = Path(sorted(glob.glob(str(Path(ov_dir) / "*.xml")))[0])
+    xml = ir_in(ov_dir)
     return {"map50": None, "map50_95": None, "export_path": str(xml),
-            "note": "NNCF quantizes the OpenVINO graph: there is no PyTorch model to evaluate (torch mAP empty)",
+            "note": NNCF_NOTE,
             "command": f"YOLO({str(start)!r}).export(**{args!r})"}
 
 
@@ -185,7 +193,7 @@ def run_fp32_start(c, spec: dict, out: Path) -> dict:
     yolo = YOLO(str(start))
     m = _evaluate(yolo.model, spec)
     ov_dir = yolo.export(format="openvino", imgsz=spec["imgsz"])
-    xml = Path(sorted(glob.glob(str(Path(ov_dir) / "*.xml")))[0])
+    xml = ir_in(ov_dir)
     return {"map50": m["map50"], "map50_95": m["map50_95"], "export_path": str(xml),
             "command": f"YOLO({str(start)!r}).export(format='openvino', imgsz={spec['imgsz']})"}
 
@@ -197,7 +205,7 @@ def run_nncf_accuracy_control(c, spec: dict, out: Path) -> dict:
     start = _start_copy(spec, out)
     xml, search = quantize_with_accuracy_control(start, spec["data"], spec["imgsz"], max_drop_points=0.2)
     return {"map50": None, "map50_95": None, "export_path": str(xml), "search": search,
-            "note": "NNCF quantizes the OpenVINO graph: there is no PyTorch model to evaluate (torch mAP empty)",
+            "note": NNCF_NOTE,
             "command": f"benchmarks/nncf_accuracy_control.py quantize_with_accuracy_control({str(start)!r}, "
                        f"{spec['data']!r}, {spec['imgsz']}, max_drop_points=0.2)"}
 

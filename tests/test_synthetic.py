@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from src.data.synthetic import CLASS_NAMES, generate_dataset, main, render_image
+from src.data.synthetic import CLASS_NAMES, EXTRA_CLASS_NAMES, generate_dataset, main, render_image
 from src.errors import DataError
 
 
@@ -71,10 +71,12 @@ def test_labels_are_valid_normalised_boxes(small_set):
     assert np.abs(corners - np.round(corners)).max() < 1e-3
 
 
+@pytest.mark.parametrize("names", [CLASS_NAMES, *((n,) for n in EXTRA_CLASS_NAMES)], ids=lambda n: "+".join(n))
 @pytest.mark.parametrize("seed", range(24))
-def test_box_is_tight_to_drawn_pixels(seed):
-    """On a flat background the shape's pixels, found by colour, must fill the label box to within 1 px."""
-    image, boxes = render_image(np.random.default_rng(seed), 96, plain=True)
+def test_box_is_tight_to_drawn_pixels(seed, names):
+    """On a flat background the shape's pixels, found by colour, must fill the label box to within 1 px (the six
+    shapes drawn at random, and each class the photo set adds)."""
+    image, boxes = render_image(np.random.default_rng(seed), 96, names=names, plain=True)
     assert len(boxes) == 1
     _, x0, y0, x1, y1 = boxes[0]
     pixels = image.reshape(-1, 3).astype(np.int32)
@@ -121,7 +123,7 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "cli"), "--train", "2", "--val", "1", "--imgsz", "64", "--ext", "png"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "cli" / "data.yaml"
     assert len(list((tmp_path / "cli" / "images" / "val").glob("*.png"))) == 1
-    assert main(["--out", str(tmp_path / "cli2"), "--classes", "hexagon"]) == 2
+    assert main(["--out", str(tmp_path / "cli2"), "--classes", "heptagon"]) == 2
 
 
 def test_ultralytics_loads_dataset_offline(tiny_dataset, socket_guard):
