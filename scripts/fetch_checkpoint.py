@@ -74,11 +74,14 @@ def fetch(name: str, out_dir: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", default=["yolov8n.pt"], choices=sorted(SOURCES), metavar="NAME",
+    p.add_argument("names", nargs="*", metavar="NAME",
                    help=f"checkpoints to fetch, from: {', '.join(sorted(SOURCES))} (default: yolov8n.pt)")
     p.add_argument("--out-dir", default=str(ROOT / "models" / "pretrained"))
     a = p.parse_args(argv)
-    for name in a.names:
+    unknown = sorted(set(a.names) - set(SOURCES))
+    if unknown:
+        p.error(f"no registry source is known for {', '.join(unknown)}; choose from {', '.join(sorted(SOURCES))}")
+    for name in a.names or ["yolov8n.pt"]:
         path = fetch(name, Path(a.out_dir))
         print(f"{path}  ({SOURCES[name].about}; sha256 {SOURCES[name].sha256[:12]})")
     return 0
