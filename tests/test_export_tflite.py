@@ -72,10 +72,15 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def tiny(cfg, tmp_path_factory):
+def tiny(tmp_path_factory):
+    from src.config import load_config
     from src.quantization.calibration import calibrate
 
-    model = conv_silu_conv(cfg)
+    # min/max ranges: with them TFLite's graph is the fake-quant model code for code on these images. With the default
+    # histogram ranges 3 of 1024 output codes (mid-range, not saturated) come out one step apart: where TFLite's
+    # fixed-point requantization and torch's float rounding meet a rounding midpoint differently (not investigated
+    # further).
+    model = conv_silu_conv(load_config(CONFIG, {"quantization.activation.observer": "moving_average_minmax"}))
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     calibrate(model, [images], 8, progress=False)
     model.eval()
