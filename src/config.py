@@ -507,7 +507,7 @@ class TrainParams(_Section):
     # default nbs is 64, which leaves a small dataset only a few optimizer steps per epoch.
     nominal_batch_size: int | None = None
     img_size: int = 640
-    lr: float = 0.0005
+    lr: float = 0.0001
     lr_scheduler: str = "cosine"
     optimizer: str = "SGD"
     momentum: float = 0.937

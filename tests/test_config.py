@@ -217,7 +217,7 @@ def test_shipped_config_runs_plain_qat():
     qp = cfg.qat_params
     assert (qp.use_distillation, qp.use_mixed_precision, qp.post_qat_fine_tuning, qp.use_lsq) == (False, False, False, None)
     assert cfg.quantization.fake_quantize.type == "ste"
-    assert cfg.train_params.epochs == 2 and cfg.train_params.lr == 0.0005
+    assert cfg.train_params.epochs == 2 and cfg.train_params.lr == 0.0001
     assert cfg.auto_adjustments == []
     # Every section of the spec's section 6 is present in the file.
     assert set(yaml.safe_load(SHIPPED.read_text())) >= {"model", "quantization", "layer_configs", "qat_params",
