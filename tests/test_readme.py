@@ -26,6 +26,10 @@ SKIPPED = {
     "Against Ultralytics' own INT8 paths #1": "make bench / compare.py need requirements-bench.txt (nncf, ModelOpt), "
                                               "which make test does not install; tests/test_compare.py covers it",
     "Against Ultralytics' own INT8 paths #2": "the 51-minute benchmark run whose numbers the table quotes",
+    "On data where 8-bit is not free: the photo set and a real checkpoint #1": "the photo set (1300 images) and the "
+        "hour-long harness run whose numbers the table quotes; tests/test_photo_sets.py makes the set small",
+    "On data where 8-bit is not free: the photo set and a real checkpoint #2": "the 640 px real-checkpoint harness run "
+        "(needs requirements-bench.txt); tests/test_real_checkpoint.py runs the same pipeline at 320 px",
     "Troubleshooting #1": "resumes a run that stopped on CUDA out of memory (tests/test_reliability.py makes one)",
     "Visualizing training progress #1": "its tensorboard line starts a server that runs until stopped (the training "
                                         "line is the Basic usage command with --log-dir)",
