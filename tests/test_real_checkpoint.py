@@ -78,3 +78,32 @@ def test_ptq_export_and_validation_of_the_real_checkpoint(coco_yolov8n, real_set
         assert r.cosine > 0.9999, r
         # the mAP of a small real set moves by about a point under any change of rounding (see README): reported
         assert r.map50_95 is not None and r.reference_map50_95 == pytest.approx(metrics["ptq"]["map50_95"], abs=1e-3)
+
+
+def test_qat_checkpoint_of_a_model_fine_tuned_from_coco_reloads_bit_identically(tmp_path):
+    """Ultralytics keeps COCO's class-branch width (80) when it fine-tunes to 12 classes: the YAML alone builds 64.
+    The photo set's FP32 model is such a model; its QAT checkpoint must rebuild to the same outputs (it raised a
+    size mismatch before)."""
+    import torch
+
+    from src.config import load_config
+    from src.data.resolve import load_fp32_model, resolve_model_path
+    from src.models.checkpoint import build_from_checkpoint, qat_checkpoint
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.quantization.calibration import calibrate
+    from src.training.checkpoint import load_checkpoint_file
+
+    model = load_fp32_model(resolve_model_path(str(ROOT / "models" / "pretrained" / "yolov8n_photo.pt")))
+    assert model.nc == 12 and model.model[-1].cv3[0][0].conv.out_channels == 80
+    cfg = load_config(ROOT / "configs" / "qat_config.yaml")
+    prepare_qat_model(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    calibrate(model, [torch.rand(2, 3, 64, 64, generator=g)], 2, progress=False)
+    model.eval()
+    path = tmp_path / "q.pt"
+    torch.save(qat_checkpoint(model, cfg), path)
+    rebuilt, _ = build_from_checkpoint(load_checkpoint_file(path))
+    rebuilt.eval()
+    x = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], rebuilt(x)[0])

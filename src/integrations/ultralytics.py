@@ -117,6 +117,38 @@ def load_detection_checkpoint(path, *, trusted: bool = False) -> nn.Module:
     return model
 
 
+def match_cls_branch_widths(model: nn.Module, state_dict: dict) -> list[int]:
+    """Rebuild the Detect head's class branches (``cv3``) at the hidden width ``state_dict`` holds; returns the
+    indices of the rebuilt branches.
+
+    Ultralytics 8.4's ``DetectionModel.load`` keeps a pretrained model's class-branch width when it fine-tunes to
+    another class count (``c3 = max(ch, min(nc, 100))`` of the source's nc: 80 for COCO), so a fine-tuned model is
+    not what its YAML and nc build. Only the YOLOv8 (legacy) branch, Conv 3x3 - Conv 3x3 - Conv2d 1x1, is rebuilt.
+    """
+    # deferred: Ultralytics must be imported after src.env.prepare_environment()
+    from ultralytics.nn.modules.conv import Conv
+    from ultralytics.nn.modules.head import Detect
+
+    head = model.model[-1]
+    if not isinstance(head, Detect):
+        return []
+    idx = len(model.model) - 1
+    rebuilt = []
+    for i, branch in enumerate(head.cv3):
+        key = f"model.{idx}.cv3.{i}.0.conv.weight"
+        if key not in state_dict or state_dict[key].shape[0] == branch[0].conv.out_channels:
+            continue
+        if not (len(branch) == 3 and isinstance(branch[0], Conv) and isinstance(branch[1], Conv)
+                and isinstance(branch[2], nn.Conv2d)):
+            raise ValueError(f"model.{idx}.cv3.{i}: class branch of width {state_dict[key].shape[0]} in the checkpoint "
+                             "but not the YOLOv8 Conv-Conv-Conv2d layout; it cannot be rebuilt")
+        c_in, c3 = branch[0].conv.in_channels, state_dict[key].shape[0]
+        new = nn.Sequential(Conv(c_in, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, branch[2].out_channels, 1))
+        head.cv3[i] = new.to(branch[2].weight.device)
+        rebuilt.append(i)
+    return rebuilt
+
+
 def load_yolo(path, *, trusted: bool = False):
     """Ultralytics' ``YOLO`` wrapper (predict, val) of a checkpoint file, unpickled as load_detection_checkpoint
     does: restricted unless ``trusted``."""

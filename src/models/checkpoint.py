@@ -9,6 +9,7 @@ from torch import nn
 
 from src.config import QATConfig
 from src.errors import QATError
+from src.integrations.ultralytics import match_cls_branch_widths
 from src.models.placement import Placement, plain_data
 from src.models.prepare import prepare_qat_model
 from src.models.switches import is_qat_model
@@ -72,6 +73,8 @@ def build_from_checkpoint(ckpt: dict, cfg=None) -> tuple[nn.Module, Any]:
     placement = Placement.from_dict(ckpt["placement"])
     yaml_cfg = copy.deepcopy(ckpt["model_yaml"])
     model = DetectionModel(yaml_cfg, nc=ckpt["nc"], verbose=False)
+    # a model fine-tuned from another class count keeps its source's class-branch width (Ultralytics 8.4)
+    match_cls_branch_widths(model, ckpt["state_dict"])
     model.names = {int(k): v for k, v in ckpt["names"].items()}
     # checkpoints written before the placement carried its overrides hold them only beside it
     overrides = placement.bit_overrides or ckpt.get("bit_overrides") or {}
