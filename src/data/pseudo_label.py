@@ -15,7 +15,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import yaml
 
 from src.data.photos import photo_pool, pool_record
+from src.data.synthetic import prepare_output
 from src.env import prepare_environment
 from src.errors import DataError
 from src.integrations.ultralytics import load_yolo
@@ -33,10 +33,10 @@ GENERATOR_NAME = "src.data.pseudo_label"
 CROPS_PER_PHOTO = 4  # per split: with the photo and its mirror, 126 validation images
 
 
-def split_images(seed: int = 0, max_photos: int | None = None) -> dict[str, list[tuple[str, np.ndarray]]]:
+def split_images(seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
     """(stem, BGR image) per split: val = each photo, its mirror and random crops; train = other random crops."""
     val, train = [], []
-    for i, photo in enumerate(photo_pool()[:max_photos]):
+    for i, photo in enumerate(photo_pool()):
         stem = Path(photo.name).stem
         val += [(f"{i:02d}_{stem}", photo.image), (f"{i:02d}_{stem}_mirror", np.ascontiguousarray(photo.image[:, ::-1]))]
         rng = np.random.default_rng([seed, i])
@@ -57,20 +57,19 @@ def _random_crop(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 
 def make_pseudo_labelled_set(model: str | Path, out: str | Path, imgsz: int = 640, conf: float = 0.25,
-                             seed: int = 0, trusted: bool = False, max_photos: int | None = None) -> Path:
-    """Write the set and return its data.yaml (``names`` are the model's classes); ``max_photos`` takes only the
-    pool's first photos (tests).
+                             seed: int = 0, trusted: bool = False) -> Path:
+    """Write the set and return its data.yaml (``names`` are the model's classes).
 
     Raises:
         DataError: ``out`` holds files this generator did not write, or the model detects nothing at all.
     """
     prepare_environment()
     root = Path(out).expanduser().resolve()
-    _prepare(root)
+    prepare_output(root, GENERATOR_NAME)
     yolo = load_yolo(model, trusted=trusted)
     names = dict(yolo.names)
     total = 0
-    for split, images in split_images(seed, max_photos).items():
+    for split, images in split_images(seed).items():
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for stem, image in images:
@@ -88,25 +87,11 @@ def make_pseudo_labelled_set(model: str | Path, out: str | Path, imgsz: int = 64
     data = {"path": str(root), "train": "images/train", "val": "images/val", "nc": len(names),
             "names": [names[i] for i in range(len(names))],
             "generator": {"name": GENERATOR_NAME, "model": str(model), "imgsz": imgsz, "conf": conf, "seed": seed,
-                          "photos": pool_record()[:max_photos]}}
+                          "photos": pool_record()}}
     yaml_path = root / "data.yaml"
     yaml_path.write_text(f"# Pseudo-labelled by `python -m {GENERATOR_NAME}`; regenerate rather than edit.\n"
                          + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return yaml_path
-
-
-def _prepare(root: Path) -> None:
-    if root.is_dir() and any(root.iterdir()):
-        try:
-            made_here = (yaml.safe_load((root / "data.yaml").read_text(encoding="utf-8")) or {}).get(
-                "generator", {}).get("name") == GENERATOR_NAME
-        except (OSError, yaml.YAMLError, AttributeError):
-            made_here = False
-        if not made_here:
-            raise DataError(f"--out {root} is not empty and was not written by {GENERATOR_NAME}; pass a new folder.")
-        for sub in ("images", "labels"):
-            shutil.rmtree(root / sub, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,7 +127,7 @@ def generate_dataset(
     names = _check_classes(classes, DIFFICULTIES[difficulty].classes)
     _check_args(n_train, n_val, imgsz, ext)
     root = Path(out).expanduser().resolve()
-    _prepare_output(root)
+    prepare_output(root)
 
     counts = {"train": n_train, "val": n_val}
     total = n_train + n_val
@@ -467,14 +467,14 @@ def _check_args(n_train: int, n_val: int, imgsz: int, ext: str) -> None:
         raise DataError(f"ext={ext!r} must be 'jpg' or 'png'.")
 
 
-def _prepare_output(root: Path) -> None:
-    """Empty the image/label folders of an earlier synthetic set; refuse to touch anything else."""
+def prepare_output(root: Path, generator: str = GENERATOR_NAME) -> None:
+    """Empty the image/label folders of an earlier set written by ``generator``; refuse to touch anything else."""
     if root.exists() and not root.is_dir():
         raise DataError(f"--out {root} is a file; pass a folder path for the dataset.")
     if root.is_dir() and any(root.iterdir()):
-        if not _made_by_us(root / "data.yaml"):
+        if not _made_by(root / "data.yaml", generator):
             raise DataError(
-                f"--out {root} is not empty and holds no data.yaml from this generator; "
+                f"--out {root} is not empty and holds no data.yaml from {generator}; "
                 "pass a new or empty folder so no other files are overwritten."
             )
         for sub in ("images", "labels"):
@@ -482,12 +482,12 @@ def _prepare_output(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def _made_by_us(yaml_path: Path) -> bool:
+def _made_by(yaml_path: Path, generator: str) -> bool:
     try:
         data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("generator"), dict) and data["generator"].get("name") == GENERATOR_NAME
+    return isinstance(data, dict) and isinstance(data.get("generator"), dict) and data["generator"].get("name") == generator
 
 
 def _progress_bar(total: int, progress: bool | None):
