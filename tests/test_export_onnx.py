@@ -172,3 +172,66 @@ def test_metadata_and_ultralytics_predicts(exported, tmp_path):
     assert yolo.predictor.model.format == "onnx"
     assert results[0].names == {0: "circle", 1: "square", 2: "triangle"}
     assert len(results[0].boxes) > 0  # conf=0 keeps the NMS survivors of the raw head output
+
+
+@pytest.fixture(scope="module")
+def w4a8_exports(tmp_path_factory):
+    from src.export.onnx_qdq import export_onnx
+
+    model, _ = _qat_model("w4a8")
+    out = tmp_path_factory.mktemp("onnx_w4")
+    packed = export_onnx(model, out / "w4a8.onnx", IMGSZ, int4_weights=True)
+    int8 = export_onnx(model, out / "w4a8_int8_storage.onnx", IMGSZ)
+    fp32 = copy.deepcopy(model)
+    from src.models.yolov8_qat import set_fake_quant
+    set_fake_quant(fp32, False)
+    return model, packed, int8, export_onnx(fp32, out / "fp32.onnx", IMGSZ)
+
+
+def test_pack_int4_puts_the_first_code_in_the_low_nibble():
+    from src.export.onnx_qdq import pack_int4
+
+    assert pack_int4(np.array([1, -1, -8, 7, 3], np.int8)) == bytes([0xF1, 0x78, 0x03])
+
+
+def test_4bit_weights_are_stored_as_packed_int4_and_run_identically_in_onnxruntime(w4a8_exports):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from src.export.common import prepare_for_export
+    from src.export.onnx_qdq import INT4_OPSET, export_bits_per_weight, qdq_summary
+
+    model, packed, int8, fp32 = w4a8_exports
+    proto = onnx.load(str(packed))
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == INT4_OPSET
+    weights = [i for i in proto.graph.initializer if len(i.dims) == 4 and i.name != "model.22.dfl.conv.weight"]
+    assert len(weights) == 63 and all(i.data_type == onnx.TensorProto.INT4 for i in weights)
+    assert all(len(i.raw_data) == (int(np.prod(i.dims)) + 1) // 2 for i in weights)  # two codes per byte
+    s = qdq_summary(proto)
+    assert len(s.quantized_convs) == len(s.int8_weight_convs) == 63
+    # the unpacked codes are the int8-storage export's codes
+    codes8 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(int8)).graph.initializer}
+    for i in weights:
+        np.testing.assert_array_equal(numpy_helper.to_array(i).astype(np.int8), codes8[i.name])
+    assert export_bits_per_weight(proto) == pytest.approx(4.0, abs=0.02)
+    ref = prepare_for_export(model)
+    a = ort.InferenceSession(str(packed), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    for x in _images():
+        y_a = a.run(None, {"images": x[None].numpy()})[0]
+        np.testing.assert_array_equal(y_a, b.run(None, {"images": x[None].numpy()})[0])
+        with torch.no_grad():
+            assert np.abs(y_a - ref(x[None]).numpy()).max() < 1e-3
+    ratio = packed.stat().st_size / fp32.stat().st_size
+    print(f"W4A8 ONNX {packed.stat().st_size / 1e6:.3f} MB / FP32 {fp32.stat().st_size / 1e6:.3f} MB = {ratio:.3f} "
+          f"(int8 storage {int8.stat().st_size / fp32.stat().st_size:.3f})")
+    assert ratio <= 0.17
+
+
+def test_int8_exports_keep_their_opset_and_int8_storage(exported):
+    from src.export.onnx_qdq import export_bits_per_weight
+
+    _, _, proto = exported
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert export_bits_per_weight(proto) == pytest.approx(8.0, abs=0.01)  # DFL's 16 float weights

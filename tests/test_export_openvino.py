@@ -144,3 +144,19 @@ def test_ultralytics_loads_the_ir_through_the_view(ir):
         assert yolo.predictor.model.format == "openvino"
         assert results[0].names == {0: "circle", 1: "square", 2: "triangle"}
     assert not view.exists()  # the temporary view is cleaned up
+
+
+def test_w4a8_exports_int4_onnx_and_an_int8_storage_ir_that_runs_int8(tmp_path):
+    """OpenVINO's CPU plugin runs convs whose weights come from INT4 constants in bf16/f32 (measured on 2026.4), so
+    the IR is converted from an int8-storage QDQ ONNX while the ONNX export keeps packed INT4."""
+    from src.export import onnx_qdq, openvino_export
+    from src.export.pipeline import export_all
+
+    model, cfg = _qat_model("w4a8")
+    cfg.export.formats = ["onnx", "openvino"]
+    out = export_all(model, cfg, tmp_path, imgsz=IMGSZ)
+    onnx_path, xml = out["onnx"][0], out["openvino"][0]
+    assert onnx_qdq.weight_bits(onnx_path) == pytest.approx(4.0, abs=0.02)
+    assert openvino_export.weight_bits(xml) == pytest.approx(8.0, abs=0.02)
+    report = openvino_export.runtime_int8_report(xml)
+    assert len(report.int8) == len(report.quantized) == 63, report.float_fallbacks

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ LOGGER = logging.getLogger("yolov8_qat")
 
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
 MAX_IR_VERSION = 10  # ONNX Runtime and OpenVINO read IR <= 10 (Ultralytics caps it the same way)
+INT4_OPSET = 21  # DequantizeLinear reads INT4 from opset 21
+INT4_RANGE = (-8, 7)
+INT_WEIGHT_TYPES = {2: 8, 3: 8, 22: 4}  # TensorProto UINT8, INT8, INT4 -> bits per stored weight
 
 
 # Ops that only move, select or max-pool values: a dequantized tensor stays on its integer grid through them.
@@ -73,6 +77,7 @@ def export_onnx(
     dynamic: bool = False,
     metadata: dict | None = None,
     fmt: str = "onnx",
+    int4_weights: bool = False,
 ) -> Path:
     """Export a fake-quantized model (prepared by ``prepare_qat_model``) to a QDQ ONNX file with int8 weights.
 
@@ -85,6 +90,8 @@ def export_onnx(
         dynamic: Dynamic batch/height/width axes.
         metadata: Key/values written to ``metadata_props`` (see ``src.export.metadata``); None writes none.
         fmt: ``Detect.format`` while tracing (Ultralytics sets the target format's name).
+        int4_weights: Store every weight whose codes fit 4 bits as packed INT4 (opset 21, see
+            :func:`store_int4_weights`); the default for models with weights of 4 bits or fewer.
 
     Returns:
         The written path.
@@ -107,6 +114,8 @@ def export_onnx(
         axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "anchors"}}
     with single_thread():
         proto = _export_proto(m, im, path, opset, axes, simplify)
+    if int4_weights:
+        proto = store_int4_weights(proto)
     if metadata:
         set_metadata(proto, export_metadata.for_onnx(metadata))
     if proto.ir_version > MAX_IR_VERSION:
@@ -302,6 +311,55 @@ def store_int8_weights(proto):
     return prune(proto)
 
 
+def store_int4_weights(proto):
+    """Pack every integer weight initializer of a ``DequantizeLinear`` whose codes all lie in [-8, 7] (with zero
+    point 0) into INT4, two codes per byte, and raise the graph to opset 21, where DequantizeLinear reads INT4.
+
+    Exact by construction: only codes that fit are packed, so 4-bit (and 2-, 3-bit) weights shrink to half their
+    int8 storage while every dequantized value stays the same. ONNX Runtime and OpenVINO (which keeps the INT4
+    constants in the IR) run the result.
+    """
+    import onnx  # deferred: heavy optional dependency
+    from onnx import helper, numpy_helper, version_converter
+
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version < INT4_OPSET:
+        proto = version_converter.convert_version(proto, INT4_OPSET)
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    readers = Counter(i for n in g.node for i in n.input)
+    packed = 0
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or len(n.input) < 3:
+            continue
+        w, zp = inits[n.input[0]], inits.get(n.input[2])
+        if w.data_type != onnx.TensorProto.INT8 or zp is None or zp.data_type != onnx.TensorProto.INT8:
+            continue
+        codes, zero = numpy_helper.to_array(w), numpy_helper.to_array(zp)
+        if zero.any() or codes.min() < INT4_RANGE[0] or codes.max() > INT4_RANGE[1]:
+            continue
+        if readers.get(n.input[0], 0) > 1:
+            continue  # a weight another node reads as int8
+        w.CopyFrom(helper.make_tensor(w.name, onnx.TensorProto.INT4, codes.shape, pack_int4(codes), raw=True))
+        # zero points of equal shape are one shared initializer after constant folding: each packed weight gets its
+        # own INT4 one (DequantizeLinear needs both of one type)
+        zp_name = f"{w.name}_zero_point_int4"
+        g.initializer.append(helper.make_tensor(zp_name, onnx.TensorProto.INT4, zero.shape, pack_int4(zero),
+                                                raw=True))
+        n.input[2] = zp_name
+        packed += 1
+    LOGGER.debug(f"INT4 weights: {packed} initializers packed")
+    return prune(proto)
+
+
+def pack_int4(codes: np.ndarray) -> bytes:
+    """Two's-complement 4-bit codes, two per byte, the first in the low nibble (ONNX's INT4 layout)."""
+    flat = (codes.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
 def _torch_quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
     """Integer codes exactly as the model's fake quantization produces them (torch kernels, ``x * (1/s)``).
 
@@ -353,6 +411,25 @@ def set_metadata(proto, metadata: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Inspection
 # --------------------------------------------------------------------------------------------------------------------
+def export_bits_per_weight(proto) -> float:
+    """Mean stored bits per conv weight element: 4 for packed INT4, 8 for int8, 32 for float weights."""
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    bits = count = 0
+    for n in g.node:
+        if n.op_type != "Conv":
+            continue
+        src = producer.get(n.input[1])
+        init = inits.get(src.input[0] if src is not None and src.op_type == "DequantizeLinear" else n.input[1])
+        if init is None:
+            continue
+        size = int(np.prod(init.dims))
+        bits += size * INT_WEIGHT_TYPES.get(init.data_type, 32)
+        count += size
+    return bits / count if count else 0.0
+
+
 def dequantized_source(name: str, producer: dict) -> list:
     """The DequantizeLinear nodes a tensor comes from through quantization-agnostic ops; [] if any path is float.
 
@@ -389,7 +466,7 @@ def qdq_summary(proto) -> QDQSummary:
         w_q = w_dq is not None and w_dq.op_type == "DequantizeLinear"
         if x_q and w_q:
             s.quantized_convs.append(n.name)
-            if w_dq.input[0] in inits and inits[w_dq.input[0]].data_type in (2, 3):  # uint8, int8
+            if w_dq.input[0] in inits and inits[w_dq.input[0]].data_type in INT_WEIGHT_TYPES:
                 s.int8_weight_convs.append(n.name)
         else:
             # A dequantized input into float weights is float by design: a conv the placement keeps float (the head
@@ -405,18 +482,27 @@ def qdq_summary(proto) -> QDQSummary:
 _QDQ_ONNX = "qdq_onnx"
 
 
-def qdq_onnx(ctx: ExportContext, out_dir: Path | None = None) -> Path:
+def qdq_onnx(ctx: ExportContext, out_dir: Path | None = None, *, int8_storage: bool = False) -> Path:
     """The generic QDQ ONNX of an export run, exported once.
 
     The onnx format exports first and writes it into ``out_dir`` (its folder); a format derived from it with onnx
-    not requested gets it in a temporary folder.
+    not requested gets it in a temporary folder. Weights of 4 bits or fewer are packed INT4 unless ``int8_storage``
+    (OpenVINO's CPU plugin runs convs with INT4 weights in bf16, with int8 ones in INT8: it asks for int8).
     """
-    if _QDQ_ONNX not in ctx.cache:
+    int4 = has_int4_weights(ctx.model) and not int8_storage
+    key = (_QDQ_ONNX, int4)
+    if key not in ctx.cache:
         path = (out_dir or ctx.temp_dir("qdq_onnx_")) / f"{ctx.stem}.onnx"
         o = ctx.opts
-        ctx.cache[_QDQ_ONNX] = export_onnx(ctx.model, path, ctx.imgsz, opset=o.opset, simplify=o.simplify,
-                                           dynamic=o.dynamic, metadata=ctx.metadata)
-    return ctx.cache[_QDQ_ONNX]
+        ctx.cache[key] = export_onnx(ctx.model, path, ctx.imgsz, opset=o.opset, simplify=o.simplify,
+                                     dynamic=o.dynamic, metadata=ctx.metadata, int4_weights=int4)
+    return ctx.cache[key]
+
+
+def has_int4_weights(model: nn.Module) -> bool:
+    """Some weight quantizer of ``model`` has 4 bits or fewer: its export stores packed INT4 weights."""
+    return any(getattr(m, "is_weight", False) and m.bit_width <= 4 for m in model.modules()
+               if hasattr(m, "bit_width"))
 
 
 def check(ctx: ExportContext) -> None:
@@ -466,4 +552,10 @@ def coverage(path: Path) -> Coverage:
     import onnx  # deferred: heavy optional dependency
 
     return proto_coverage(onnx.load(str(path)))
+
+
+def weight_bits(path: Path) -> float:
+    import onnx  # deferred: heavy optional dependency
+
+    return export_bits_per_weight(onnx.load(str(path)))
 

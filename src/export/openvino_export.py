@@ -174,6 +174,17 @@ def _int_weight(output) -> bool:
     return False
 
 
+def _weight_element_bits(output) -> int | None:
+    """Bits of the Constant a conv weight is decompressed from (through Convert / Subtract / Multiply / Reshape)."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "Constant":
+        return node.get_element_type().bitwidth
+    if kind in ("Multiply", "Subtract", "Convert", "Reshape", "FakeQuantize"):
+        return _weight_element_bits(node.input(0).get_source_output())
+    return None
+
+
 def quantized_convolutions(ov_model) -> tuple[list[str], list[str]]:
     """(quantized, float) Convolution names of an IR: quantized = FakeQuantize-fed input and integer weight."""
     quantized, plain = [], []
@@ -268,7 +279,7 @@ def check(ctx: ExportContext) -> None:
 
 def export(ctx: ExportContext, out_dir: Path) -> list[Path]:
     """The IR from the run's QDQ ONNX, and the runtime INT8 report in the log."""
-    xml = export_openvino(qdq_onnx(ctx), out_dir, ctx.stem, ctx.metadata)
+    xml = export_openvino(qdq_onnx(ctx, int8_storage=True), out_dir, ctx.stem, ctx.metadata)
     report = runtime_int8_report(xml)
     (LOGGER.info if report.ok else LOGGER.warning)(f"OpenVINO runtime: {report.summary()}")
     return [xml, xml.with_suffix(".bin")] + ([xml.parent / "metadata.yaml"] if ctx.metadata else [])
@@ -302,3 +313,18 @@ def coverage(path: Path) -> Coverage:
     r = runtime_int8_report(path)
     return Coverage(len(r.int8), len(r.quantized), [f"{k} ({v})" for k, v in r.float_fallbacks.items()],
                     list(r.unquantized))
+
+
+def weight_bits(path: Path) -> float:
+    """From the IR as stored (before the plugin decompresses anything)."""
+    import openvino as ov  # deferred: heavy optional dependency
+
+    bits = count = 0
+    for op in ov.Core().read_model(str(path)).get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution"):
+            continue
+        b = _weight_element_bits(op.input(1).get_source_output())
+        n = int(np.prod(list(op.get_input_shape(1))))
+        bits += (b or 32) * n
+        count += n
+    return bits / count if count else 0.0

@@ -42,6 +42,9 @@ class FormatHooks(Protocol):
     def coverage(self, path: Path) -> Coverage:
         """Which convolutions of the file run INT8."""
 
+    def weight_bits(self, path: Path) -> float:
+        """Mean stored bits per convolution weight of the file (4 packed INT4, 8 int8, 32 float)."""
+
 
 @dataclass(frozen=True)
 class ExportFormat:

@@ -884,3 +884,16 @@ def coverage(path: Path) -> Coverage:
     floats = [n for n in others if n.endswith("(partial)")]
     unquantized = [n for n in others if not n.endswith("(partial)")]
     return Coverage(len(int8), len(int8) + len(floats), floats, unquantized)
+
+
+def weight_bits(path: Path) -> float:
+    tensors, ops = _graph(_interpreter(path, reference_kernels=True))
+    bits = count = 0
+    for op in ops:
+        if op["op_name"] not in WEIGHT_OPS:
+            continue
+        w = tensors[op["inputs"][1]]
+        n = int(np.prod(w["shape"]))
+        bits += np.dtype(w["dtype"]).itemsize * 8 * n
+        count += n
+    return bits / count if count else 0.0

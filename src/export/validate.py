@@ -13,7 +13,7 @@ For each export (ONNX, OpenVINO IR, TensorRT-ready ONNX, int8 TFLite):
   (OpenVINO also with ``INFERENCE_PRECISION_HINT=f32``), median and inter-quartile range;
 * INT8 coverage: OpenVINO's compiled runtime graph, for ONNX the convs fed by DequantizeLinear, for TFLite the convs
   whose input and weight tensors are int8, against the number of quantized convs recorded in the metadata;
-* file size.
+* file size, and the stored bits per conv weight (4 where 4-bit weights are packed INT4).
 
 Without a reference mAP (no ``--reference`` and none in the metadata) the accuracy gate does not run: the table shows
 ``n/a`` and the JSON ``"accuracy_gate": "not run: no reference"``; ``--require-reference`` makes that a failure.
@@ -83,6 +83,7 @@ class ExportResult:
     expected_quantized_convs: int | None = None
     tensorrt_violations: list[str] | None = None
     size_mb: float | None = None
+    weight_bits: float | None = None  # mean stored bits per conv weight (4: packed INT4, 8: int8, 32: float)
     accuracy_gate: str | None = None  # GATE_PASSED, GATE_FAILED or GATE_NOT_RUN
     passed: bool | None = None
     reasons: list[str] = field(default_factory=list)
@@ -275,6 +276,8 @@ def validate(
         for i, (t, meta) in enumerate(zip(targets, metas)):
             LOGGER.info(f"Validating {t.format}: {t.path}")
             r = ExportResult(str(t.path), t.format, threads=threads, size_mb=round(size_mb(t), 3))
+            with reading(t):
+                r.weight_bits = round(hooks(t.spec).weight_bits(t.path), 2)
             qmeta = meta.get(QUANT_KEY) or {}
             r.expected_quantized_convs = ref.quantized_convs if ref.quantized_convs is not None else \
                 qmeta.get("quantized_convs")
@@ -341,7 +344,7 @@ def _fmt(v, spec: str, missing: str = "-") -> str:
 
 def table(results: list[ExportResult]) -> str:
     head = (f"{'format':<9} {'mAP50':>7} {'mAP50-95':>8} {'ref':>7} {'Δpts':>6} {'max|err|':>9} {'cosine':>9} "
-            f"{'ms':>7} {'ms f32':>7} {'thr':>3} {'int8':>4} {'float':>5} {'MB':>6}  result  path")
+            f"{'ms':>7} {'ms f32':>7} {'thr':>3} {'int8':>4} {'float':>5} {'MB':>6} {'bits/w':>6}  result  path")
     lines = [head]
     for r in results:
         delta = None if r.reference_map50_95 is None else (r.map50_95 - r.reference_map50_95) * 100
@@ -350,7 +353,7 @@ def table(results: list[ExportResult]) -> str:
             f"{_fmt(r.reference_map50_95, '.4f', 'n/a'):>7} {_fmt(delta, '+.2f', 'n/a'):>6} {_fmt(r.max_abs_err, '.3g'):>9} "
             f"{_fmt(r.cosine, '.6f'):>9} {_fmt(r.latency_ms, '.2f'):>7} {_fmt(r.latency_f32_ms, '.2f'):>7} "
             f"{_fmt(r.threads, 'd'):>3} {_fmt(r.int8_convs, 'd'):>4} {_fmt(r.float_convs, 'd'):>5} "
-            f"{_fmt(r.size_mb, '.2f'):>6}  {'PASS' if r.passed else 'FAIL':<6}  {r.path}")
+            f"{_fmt(r.size_mb, '.2f'):>6} {_fmt(r.weight_bits, '.2f'):>6}  {'PASS' if r.passed else 'FAIL':<6}  {r.path}")
     for r in results:
         for reason in r.reasons:
             lines.append(f"FAIL {r.path}: {reason}")
