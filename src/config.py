@@ -462,7 +462,9 @@ class QATParams(_Section):
     running statistics stop updating; null = never. BN freezing only matters with ``fuse_modules: false`` (folded
     models have no BN left). ``use_lsq``: true forces LSQ, false forces STE, null lets the preset decide.
     ``bias_correction``: after calibration, each quantized conv's bias absorbs the mean output shift its
-    quantization causes on the calibration images (src/models/bias_correction.py).
+    quantization causes on the calibration images (src/models/bias_correction.py). ``adaround``: before that, each
+    quantized conv learns whether each weight rounds up or down (AdaRound, src/models/adaround.py), in
+    ``adaround_iterations`` optimisation steps per conv.
     """
 
     skip_detection_head: bool = False
@@ -475,6 +477,8 @@ class QATParams(_Section):
     calibration_images: int = 256
     calibration_batch_size: int = 16
     bias_correction: bool = True
+    adaround: bool = False
+    adaround_iterations: int = 1000
     freeze_observers_epoch: int | None = 1
     freeze_bn_epoch: int | None = 1
     lsq_lr_scale: float = 1.0
@@ -484,6 +488,7 @@ class QATParams(_Section):
         "fine_tuning_epochs": (0, None, False, False),
         "calibration_images": (1, None, False, False),
         "calibration_batch_size": (1, None, False, False),
+        "adaround_iterations": (1, None, False, False),
         "freeze_observers_epoch": (0, None, False, False),
         "freeze_bn_epoch": (0, None, False, False),
         "lsq_lr_scale": (0.0, None, True, False),

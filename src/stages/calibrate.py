@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from src.models.adaround import adaround
 from src.models.bias_correction import correct_biases
 from src.quantization.calibration import calibrate
 from src.stages.context import RunContext
@@ -30,9 +31,19 @@ def build_ptq_model(fp32_model: nn.Module, cfg, bit_overrides: dict | None,
     """
     model = prepare_model(fp32_model, cfg, bit_overrides).to(device)
     calibrate(model, images(), num_images, progress=progress)
-    if cfg.qat_params.bias_correction:
-        correct_biases(model, images, num_images)
+    refine_calibrated(model, cfg, images, num_images, progress=progress)
     return model
+
+
+def refine_calibrated(model: nn.Module, cfg, images: Callable[[], Iterable[torch.Tensor]], num_images: int, *,
+                      progress: bool = True) -> None:
+    """What follows the ranges: learned weight rounding (``qat_params.adaround``), then bias correction."""
+    params = cfg.qat_params
+    if params.adaround:
+        adaround(model, images, num_images, iterations=params.adaround_iterations, seed=cfg.train_params.seed,
+                 progress=progress)
+    if params.bias_correction:
+        correct_biases(model, images, num_images)
 
 
 class TrainingImages:
@@ -59,8 +70,7 @@ def calibrate_stage(ctx: RunContext, model: nn.Module) -> nn.Module:
     model.to(ctx.device)
     images = TrainingImages(ctx.cfg, ctx.data, ctx.device, loader_stride(model))
     calibrate(model, images, ctx.cfg.qat_params.calibration_images)
-    if ctx.cfg.qat_params.bias_correction:
-        correct_biases(model, lambda: images, ctx.cfg.qat_params.calibration_images)
+    refine_calibrated(model, ctx.cfg, lambda: images, ctx.cfg.qat_params.calibration_images)
     return model
 
 
