@@ -54,10 +54,10 @@ def test_ratio_and_sizes_match_parameter_counts():
     assert s["quantizer_bytes"] == qbytes
     assert s["int8_storage_bytes"] == wq * 1 + 4 * (n_params - wq) + qbytes
     packed = sum(l.params * l.weight_bits / 8 for l in quant)
-    assert s["sub_8_bit"] and s["packed_theoretical_bytes"] == packed + 4 * (n_params - wq) + qbytes
+    assert s["sub_8_bit"] and s["onnx_storage_bytes"] == packed + 4 * (n_params - wq) + qbytes  # 4 bits: INT4
     assert s["weight_bits"] == [4, 8]
     uniform = model_sizes(_prepared())
-    assert not uniform["sub_8_bit"] and "packed_theoretical_bytes" not in uniform
+    assert not uniform["sub_8_bit"] and "onnx_storage_bytes" not in uniform
 
 
 def test_report_layer_errors_recomputed_and_files_written(tmp_path):
@@ -86,7 +86,7 @@ def test_report_layer_errors_recomputed_and_files_written(tmp_path):
     assert worst["weight_bits"] == next(l.weight_bits for l in m.qat_placement.layers if l.name == worst["name"])
     write_report(report, m, tmp_path / "analysis", tmp_path / "tb")
     md = (tmp_path / "analysis" / "report.md").read_text()
-    assert "theoretical" in md and "model.0 (mixed precision: kept float)" in md
+    assert "packed INT4" in md and "model.0 (mixed precision: kept float)" in md
     for png in ("quantization_ratio.png", "model_size.png", "layer_error.png", "map.png"):
         assert (tmp_path / "analysis" / png).stat().st_size > 1000
     back = json.loads((tmp_path / "analysis" / "report.json").read_text())

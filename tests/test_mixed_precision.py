@@ -195,4 +195,20 @@ def test_stage_measures_caches_assigns_and_round_trips_through_checkpoint(tiny_d
     assert rebuilt.qat_placement.bit_overrides == res.bit_overrides
     assert {l.name: l.weight_bits for l in rebuilt.qat_placement.layers if l.quantized} == bits
     out = res.write(tmp_path / "run")
-    assert (out / "pareto.png").stat().st_size > 0 and "theoretical" in (out / "report.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 0 and "packed INT4" in (out / "report.md").read_text()
+
+
+def test_weight_memory_counts_what_the_onnx_export_stores():
+    """6-bit weights are stored as int8: under a memory budget they save nothing, 4-bit ones (packed INT4) do."""
+    from src.quantization.bit_allocation import stored_bits
+
+    assert [stored_bits(b) for b in (2, 4, 5, 6, 8, None)] == [4, 4, 8, 8, 8, 32]
+    layers = [LayerSensitivity(f"model.{i}", 100, {"4": 0.5, "6": 0.01, "8": 0.0}, {"4": 20.0, "6": 30.0, "8": 40.0})
+              for i in range(4)]
+    table = SensitivityTable(1.0, 8, layers)
+    a = assign_bits(table, _mp(weight_bits=[4, 6, 8], budget_type="weight_memory", budget=0.75))
+    assert sorted(a.weight_bits.values()) == [4, 4, 8, 8]  # 6 bits would cost 8 stored bits and save nothing
+    assert a.weight_memory == 0.75 and a.weight_bytes() == 2 * 100 * 0.5 + 2 * 100
+    # an average-bits budget counts nominal bits: 6-bit layers are the cheap choice there
+    b = assign_bits(table, _mp(weight_bits=[4, 6, 8], budget_type="avg_bits", budget=6.0))
+    assert sorted(b.weight_bits.values()) == [6, 6, 6, 6] and b.weight_memory == 1.0

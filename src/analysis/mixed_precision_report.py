@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.analysis.plots import pareto_plot
-from src.quantization.bit_allocation import THEORETICAL_NOTE, Assignment, SensitivityTable
+from src.quantization.bit_allocation import STORAGE_NOTE, Assignment, SensitivityTable
 
 
 @dataclass
@@ -24,22 +24,22 @@ class MixedPrecisionResult:
 
     def add_point(self, label: str, a: Assignment, map50_95: float | None, kind: str) -> None:
         self.points.append({"label": label, "avg_bits": round(a.avg_bits, 4),
-                            "theoretical_weight_mb": round(a.weight_bytes() / 1e6, 6),
+                            "weight_mb": round(a.weight_bytes() / 1e6, 6),
                             "map50_95": None if map50_95 is None else float(map50_95), "kind": kind})
 
     def to_dict(self) -> dict:
         return {"budget_type": self.budget_type, "budget": self.budget, "assignment": self.assignment.to_dict(),
                 "bit_overrides": self.bit_overrides, "pareto": self.points, "sensitivity_cached": self.cached,
-                "note": THEORETICAL_NOTE}
+                "note": STORAGE_NOTE}
 
     def report(self) -> str:
         """Markdown: the choice, then the sensitivity table (most sensitive first)."""
         a = self.assignment
         lines = [f"# Mixed precision", "",
                  f"Budget: {self.budget_type} = {self.budget:g}; chosen average weight bits {a.avg_bits:.3f} "
-                 f"({100 * a.weight_memory:.1f}% of uniform INT8 weight memory, theoretical*).",
+                 f"({100 * a.weight_memory:.1f}% of uniform INT8 weight memory*).",
                  f"Float-kept layers: {', '.join(a.to_dict()['float_layers']) or 'none'}.", "",
-                 f"*{THEORETICAL_NOTE}.", "",
+                 f"*{STORAGE_NOTE}.", "",
                  f"Sensitivity on {self.table.images} training images (float detection loss "
                  f"{self.table.float_loss:.4f}/image); loss = change when only this layer is quantized.", "",
                  "| layer | params | bits | " + " | ".join(
@@ -54,11 +54,11 @@ class MixedPrecisionResult:
                                for w in widths)
             lines.append(f"| {l.name} | {l.params} | {'float' if b is None else b} | {cells} |")
         if self.points:
-            lines += ["", "| configuration | kind | avg weight bits | weight MB (theoretical*) | mAP50-95 |",
+            lines += ["", "| configuration | kind | avg weight bits | stored weight MB* | mAP50-95 |",
                       "|---|---|---:|---:|---:|"]
             for p in self.points:
                 m = "-" if p["map50_95"] is None else f"{p['map50_95']:.4f}"
-                lines.append(f"| {p['label']} | {p['kind']} | {p['avg_bits']:.3f} | {p['theoretical_weight_mb']:.4f}"
+                lines.append(f"| {p['label']} | {p['kind']} | {p['avg_bits']:.3f} | {p['weight_mb']:.4f}"
                              f" | {m} |")
         return "\n".join(lines) + "\n"
 

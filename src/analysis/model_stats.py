@@ -5,13 +5,15 @@ Size conventions (bytes):
     quantizer state.
   * INT8 storage: quantized conv weights 1 byte each -- also sub-8-bit ones, which export as int8 holding their
     levels -- every other parameter 4 bytes, plus the quantizer parameters (float32 scales, 1-byte zero points).
-  * packed (theoretical): as INT8 storage but quantized weights take ``bits / 8`` bytes; differs only when some layer
-    has fewer than 8 bits, and is always labelled theoretical.
+  * ONNX storage: as INT8 storage but weights of <= 4 bits take half a byte (the QDQ ONNX export packs them as
+    INT4); reported when some layer has fewer than 8 bits. 5- to 7-bit weights stay 1 byte, as stored.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from src.quantization.bit_allocation import stored_bits
 
 from src.models.yolov8_qat import QuantConv, quantizers
 
@@ -48,7 +50,7 @@ def quantization_ratio(model: nn.Module) -> dict:
 
 
 def model_sizes(model: nn.Module) -> dict:
-    """FP32, INT8-storage and (when some weights have < 8 bits) packed theoretical sizes in bytes."""
+    """FP32, INT8-storage and (when some weights have < 8 bits) QDQ ONNX storage sizes in bytes."""
     quant_param_ids = {id(p) for _, q in quantizers(model) for p in q.parameters()}
     wq = {id(m.conv.weight): m.weight_quant.bit_width for m in model.modules()
           if isinstance(m, QuantConv) and m.weight_quant is not None}
@@ -60,7 +62,7 @@ def model_sizes(model: nn.Module) -> dict:
         n_params += p.numel()
         if id(p) in wq:
             storage += p.numel()
-            packed += p.numel() * wq[id(p)] / 8
+            packed += p.numel() * stored_bits(wq[id(p)]) / 8
         else:
             storage += 4 * p.numel()
             packed += 4 * p.numel()
@@ -72,5 +74,5 @@ def model_sizes(model: nn.Module) -> dict:
     out = {"params": n_params, "fp32_bytes": 4 * n_params, "int8_storage_bytes": storage + qparams,
            "quantizer_bytes": qparams, "weight_bits": bits, "sub_8_bit": any(b < 8 for b in bits)}
     if out["sub_8_bit"]:
-        out["packed_theoretical_bytes"] = packed + qparams
+        out["onnx_storage_bytes"] = packed + qparams
     return out

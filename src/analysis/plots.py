@@ -29,7 +29,7 @@ def pareto_plot(points: list[dict], path: Path) -> Path:
     """Average weight bits (bottom axis) vs mAP50-95 for every measured configuration.
 
     Args:
-        points: {"label", "avg_bits", "theoretical_weight_mb", "map50_95", "kind"}; points without mAP are skipped.
+        points: {"label", "avg_bits", "weight_mb", "map50_95", "kind"}; points without mAP are skipped.
         path: PNG to write.
     """
     plt = _plt()
@@ -39,8 +39,8 @@ def pareto_plot(points: list[dict], path: Path) -> Path:
         if p.get("map50_95") is None:
             continue
         ax.scatter(p["avg_bits"], 100 * p["map50_95"], marker=markers.get(p["kind"], "s"), s=90 if p["kind"] == "qat"
-                   else 45, label=f"{p['label']} ({p['kind'].upper()}, {p['theoretical_weight_mb']:.3f} MB)")
-    ax.set_xlabel("average weight bits (weight memory below 8 bits is theoretical: stored as int8)")
+                   else 45, label=f"{p['label']} ({p['kind'].upper()}, {p['weight_mb']:.3f} MB)")
+    ax.set_xlabel("average weight bits (labels: weight MB as the QDQ ONNX stores them, <= 4 bits packed INT4)")
     ax.set_ylabel("mAP50-95 (%)")
     ax.set_title("Mixed precision: weight bits vs accuracy")
     ax.grid(alpha=0.3)
@@ -62,19 +62,14 @@ def ratio_plot(ratio_layers: float, ratio_params: float, path: Path) -> Path:
     return _save(fig, path)
 
 
-def size_plot(sizes: dict[str, float], path: Path, theoretical: set[str]) -> Path:
-    """Bar chart of model sizes in MB; bars named in ``theoretical`` are hatched and labelled so."""
+def size_plot(sizes: dict[str, float], path: Path) -> Path:
+    """Bar chart of model sizes in MB."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(sizes)
     bars = ax.bar(names, [sizes[n] for n in names], color="tab:green")
     for b, n in zip(bars, names):
-        if n in theoretical:
-            b.set_hatch("//")
-            b.set_facecolor("white")
-            b.set_edgecolor("tab:green")
-        ax.text(b.get_x() + b.get_width() / 2, sizes[n], f"{sizes[n]:.3f}" + (" (theoretical)" if n in theoretical
-                                                                          else ""), ha="center", va="bottom", fontsize=7)
+        ax.text(b.get_x() + b.get_width() / 2, sizes[n], f"{sizes[n]:.3f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("MB")
     ax.set_title("Model size (weights + biases)")
     ax.tick_params(axis="x", labelsize=7)

@@ -1,6 +1,6 @@
 """The --analyze report: <out>/analysis/report.md, report.json and PNG plots, mirrored to TensorBoard.
 
-Sections: quantization ratio, model size (FP32 vs INT8, and packed sub-8-bit sizes labelled theoretical), layer-wise
+Sections: quantization ratio, model size (FP32, INT8 storage, and the QDQ ONNX's packed INT4 size below 8 bits), layer-wise
 error (SQNR/MSE per layer, isolated and cumulative, worst first), the placement table, and performance (FP32 / PTQ /
 QAT mAP when a dataset is given; latency of exported models when exports exist).
 """
@@ -22,8 +22,9 @@ from src.training.data import build_loader, hyperparameters, preprocess_batch
 
 LOGGER = logging.getLogger("yolov8_qat")
 
-THEORETICAL = ("theoretical: sub-8-bit weights are exported as int8 storage holding their levels and every conv runs "
-               "INT8, so the packed size is not realised by any export")
+ONNX_STORAGE = ("the QDQ ONNX export's size: weights of <= 4 bits packed INT4 (two per byte), 5-8 bits int8; "
+                "OpenVINO (whose CPU plugin runs INT4-weight convs in bf16) and TFLite store every quantized weight "
+                "as int8, i.e. the INT8 storage size")
 
 
 def analysis_images(data: dict, cfg, n: int = 8) -> torch.Tensor:
@@ -60,7 +61,7 @@ def build_report(model: nn.Module, images: torch.Tensor, *, performance: dict | 
               "bit_overrides": model.qat_placement.bit_overrides,
               "performance": performance or {}, "latency": latency or []}
     if sizes["sub_8_bit"]:
-        report["sizes"]["note"] = THEORETICAL
+        report["sizes"]["note"] = ONNX_STORAGE
     if mixed_precision:
         report["mixed_precision"] = mixed_precision
     return report
@@ -83,10 +84,10 @@ def to_markdown(report: dict, placement_text: str) -> str:
               f"| FP32 | {_mb(s['fp32_bytes'])} | 1.000 |",
               f"| INT8 storage (as exported) | {_mb(s['int8_storage_bytes'])} | "
               f"{s['int8_storage_bytes'] / s['fp32_bytes']:.3f} |"]
-    if "packed_theoretical_bytes" in s:
-        lines.append(f"| mixed, bit-packed (theoretical) | {_mb(s['packed_theoretical_bytes'])} | "
-                     f"{s['packed_theoretical_bytes'] / s['fp32_bytes']:.3f} |")
-        lines += ["", f"Packed size is {THEORETICAL}."]
+    if "onnx_storage_bytes" in s:
+        lines.append(f"| QDQ ONNX (<= 4-bit weights packed INT4) | {_mb(s['onnx_storage_bytes'])} | "
+                     f"{s['onnx_storage_bytes'] / s['fp32_bytes']:.3f} |")
+        lines += ["", f"QDQ ONNX is {ONNX_STORAGE}."]
     lines += ["", f"Weights + biases ({s['params']} parameters) and quantizer parameters ({s['quantizer_bytes']} "
               f"bytes); weight widths present: {s['weight_bits']}.", "",
               "## Layer-wise error (worst cumulative SQNR first)", "",
@@ -135,9 +136,9 @@ def write_report(report: dict, model: nn.Module, out_dir: Path, log_dir: Path | 
     r, s = report["quantization_ratio"], report["sizes"]
     plots.ratio_plot(r["ratio_layers"], r["ratio_params"], out_dir / "quantization_ratio.png")
     sizes = {"FP32": s["fp32_bytes"] / 1e6, "INT8 storage": s["int8_storage_bytes"] / 1e6}
-    if "packed_theoretical_bytes" in s:
-        sizes["mixed packed"] = s["packed_theoretical_bytes"] / 1e6
-    plots.size_plot(sizes, out_dir / "model_size.png", theoretical={"mixed packed"})
+    if "onnx_storage_bytes" in s:
+        sizes["QDQ ONNX (INT4 packed)"] = s["onnx_storage_bytes"] / 1e6
+    plots.size_plot(sizes, out_dir / "model_size.png")
     if report["layer_errors"]:
         plots.layer_error_plot(report["layer_errors"], out_dir / "layer_error.png")
     if report["performance"]:
@@ -158,8 +159,8 @@ def _tensorboard(report: dict, md: str, log_dir: Path) -> None:
         w.add_scalar("analysis/ratio_params", r["ratio_params"], 0)
         w.add_scalar("analysis/size_fp32_mb", s["fp32_bytes"] / 1e6, 0)
         w.add_scalar("analysis/size_int8_storage_mb", s["int8_storage_bytes"] / 1e6, 0)
-        if "packed_theoretical_bytes" in s:
-            w.add_scalar("analysis/size_packed_theoretical_mb", s["packed_theoretical_bytes"] / 1e6, 0)
+        if "onnx_storage_bytes" in s:
+            w.add_scalar("analysis/size_onnx_storage_mb", s["onnx_storage_bytes"] / 1e6, 0)
         for k, v in report["performance"].items():
             w.add_scalar(f"analysis/map50_95/{k}", v["map50_95"], 0)
             w.add_scalar(f"analysis/map50/{k}", v["map50"], 0)

@@ -5,12 +5,13 @@ Pure numerics on plain data (no model, no data set): the sensitivities come from
 Assignment: minimise the summed sensitivity subject to the budget (a multiple-choice knapsack, solved exactly by
 dynamic programming over costs rounded *up*, so the result never exceeds the budget). Budgets:
   * ``avg_bits``: mean weight bits over the quantizable conv weights (float-kept layers count 32 bits);
-  * ``weight_memory``: weight memory as a fraction of uniform INT8;
+  * ``weight_memory``: stored weight memory as a fraction of uniform INT8 (see :func:`stored_bits`);
   * ``max_map_drop``: the smallest ``avg_bits`` whose measured PTQ mAP50-95 stays within ``budget`` points of the
     uniform highest-width model (binary search, each step a measurement the caller supplies).
 
-Deployment note: 4-bit (and other sub-8-bit) weights export as int8 storage holding 4-bit levels, and every such conv
-still runs INT8 kernels; memory numbers below 8 bits are therefore *theoretical* (packed), which every output says.
+Storage: the QDQ ONNX export packs weights of 4 bits or fewer as INT4 and stores 5- to 8-bit weights as int8, so
+memory (budgets, reports, the Pareto plot) counts what that file stores, not ``bits / 8``: a 6-bit layer costs as
+much as an 8-bit one. OpenVINO and TFLite store every quantized weight as int8 (see README).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ import numpy as np
 from src.errors import QATError
 
 FLOAT_BITS = 32
-THEORETICAL_NOTE = ("sub-8-bit weights are exported as int8 storage holding their levels (every conv still runs INT8), "
-                    "so their memory saving is theoretical (bit-packed)")
+STORAGE_NOTE = ("weight memory as the QDQ ONNX export stores it: weights of <= 4 bits packed INT4, 5-8 bits int8; "
+                "OpenVINO and TFLite exports store every quantized weight as int8")
+
+
+def stored_bits(bits: int | None) -> int:
+    """Bits one weight of a ``bits``-wide layer takes in the QDQ ONNX export (None: kept float)."""
+    if bits is None:
+        return FLOAT_BITS
+    return 4 if bits <= 4 else 8
 
 
 class MixedPrecisionError(QATError):
@@ -77,12 +85,12 @@ class Assignment:
 
     @property
     def weight_memory(self) -> float:
-        """Weight memory as a fraction of uniform INT8 (sub-8-bit counted packed: theoretical)."""
-        return self.avg_bits / 8.0
+        """Stored weight memory as a fraction of uniform INT8."""
+        return self.weight_bytes() / max(sum(self.params[n] for n in self.weight_bits), 1)
 
     def weight_bytes(self) -> float:
-        """Theoretical (bit-packed) weight bytes of the assigned layers."""
-        return sum(self.params[n] * (FLOAT_BITS if b is None else b) for n, b in self.weight_bits.items()) / 8.0
+        """Stored weight bytes of the assigned layers (:func:`stored_bits`)."""
+        return sum(self.params[n] * stored_bits(b) for n, b in self.weight_bits.items()) / 8.0
 
     def bit_overrides(self, group_keys: list[str] | None = None) -> dict[str, dict]:
         """The ``prepare_qat_model(bit_overrides=...)`` form."""
@@ -96,7 +104,7 @@ class Assignment:
     def to_dict(self) -> dict:
         return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
                 "avg_bits": round(self.avg_bits, 6), "weight_memory_vs_int8": round(self.weight_memory, 6),
-                "theoretical_weight_bytes": self.weight_bytes(), "predicted_sensitivity": self.predicted,
+                "stored_weight_bytes": self.weight_bytes(), "predicted_sensitivity": self.predicted,
                 "float_layers": sorted(n for n, b in self.weight_bits.items() if b is None)}
 
 
@@ -197,6 +205,7 @@ def assign_bits(table: SensitivityTable, mp_cfg, activation_bits: int | None = N
     layers = table.layers
     params = {l.name: l.params for l in layers}
     total = sum(params.values())
+    capacity_in_avg_bits = avg_bits_budget is not None or mp_cfg.budget_type == "avg_bits"
     if avg_bits_budget is not None:
         capacity = avg_bits_budget * total
     elif mp_cfg.budget_type == "avg_bits":
@@ -204,19 +213,21 @@ def assign_bits(table: SensitivityTable, mp_cfg, activation_bits: int | None = N
     else:
         capacity = mp_cfg.budget * 8.0 * total
     opts = [_options(l, mp_cfg.weight_bits, mp_cfg.allow_float, mp_cfg.sensitivity_metric) for l in layers]
-    costs = [[int(l.params) * (FLOAT_BITS if b is None else int(b)) for b, _ in row] for l, row in zip(layers, opts)]
+    cost_bits = (lambda b: FLOAT_BITS if b is None else int(b)) if capacity_in_avg_bits else stored_bits
+    costs = [[int(l.params) * cost_bits(b) for b, _ in row] for l, row in zip(layers, opts)]
     values = [[v for _, v in row] for row in opts]
     picks = knapsack(costs, values, capacity)
     if picks is None:
         least = sum(min(row) for row in costs) / max(total, 1)
+        unit = "bits" if capacity_in_avg_bits else "stored bits per weight"
         raise MixedPrecisionError(
-            f"mixed_precision.budget: no assignment fits {capacity / max(total, 1):.3f} average weight bits "
+            f"mixed_precision.budget: no assignment fits {capacity / max(total, 1):.3f} {unit} "
             f"(budget_type {mp_cfg.budget_type}, budget {mp_cfg.budget:g}); the smallest possible is {least:.3f} "
-            f"bits ({least / 8:.3f} of INT8 weight memory) -- raise the budget or add lower widths to weight_bits")
+            f"{unit} ({least / 8:.3f} of INT8 weight memory) -- raise the budget or add lower widths to weight_bits")
     bits = {l.name: row[p][0] for l, row, p in zip(layers, opts, picks)}
     predicted = float(sum(row[p][1] for row, p in zip(opts, picks)))
     a = Assignment(bits, activation_bits, params, predicted)
-    spent = sum(params[n] * (FLOAT_BITS if b is None else b) for n, b in bits.items())
+    spent = sum(params[n] * cost_bits(b) for n, b in bits.items())
     assert spent <= capacity * (1 + 1e-12), "knapsack rounding must never exceed the budget"
     return a
 

@@ -83,7 +83,7 @@ def mixed_precision_stage(ctx: RunContext, fp32_model: nn.Module, *, progress: b
         result.add_point("mixed (chosen)", chosen, ptq_map(chosen), "ptq")
     floats = chosen.to_dict()["float_layers"]
     LOGGER.info(f"Mixed precision ({mp.budget_type} {mp.budget:g}): average weight bits {chosen.avg_bits:.3f} "
-                f"({100 * chosen.weight_memory:.1f}% of INT8 weight memory, theoretical below 8 bits); "
+                f"({100 * chosen.weight_memory:.1f}% of INT8 weight memory as the ONNX export stores it); "
                 + ", ".join(f"{sum(1 for b in chosen.weight_bits.values() if b == w)} layers W{w}"
                             for w in sorted(set(mp.weight_bits)))
                 + (f"; kept float: {', '.join(floats)}" if floats else ""))
