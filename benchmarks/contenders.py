@@ -37,6 +37,8 @@ CONTENDERS: tuple[Contender, ...] = (
               quick=True),
     Contender("ptq_ours", OURS, False, "calibration only, our placement (train_qat.py --epochs 0)", ("--epochs", "0"),
               quick=True),
+    Contender("ptq_ours_adaround", OURS, False, "calibration and AdaRound learned rounding (train_qat.py --epochs 0 "
+              "--adaround)", ("--epochs", "0", "--adaround")),
     Contender("ptq_ultralytics", ULTRA_PTQ, False, "Ultralytics OpenVINO export quantize=8 (NNCF PTQ), calibrated "
               "on the train split", quick=True),
     Contender("ptq_nncf_ac", NNCF_AC, False, "NNCF accuracy-controlled PTQ (max drop 0.2 points vs the FP32 IR), "
@@ -52,7 +54,11 @@ CONTENDERS: tuple[Contender, ...] = (
               ("--distillation",)),
     Contender("ptq_ours_w4a8", OURS, False, "calibration only, 4-bit weights / 8-bit activations",
               ("--qconfig", "w4a8", "--epochs", "0")),
+    Contender("ptq_ours_w4a8_adaround", OURS, False, "calibration and AdaRound, 4-bit weights / 8-bit activations",
+              ("--qconfig", "w4a8", "--epochs", "0", "--adaround")),
     Contender("qat_ours_w4a8", OURS, True, "our QAT, 4-bit weights / 8-bit activations", ("--qconfig", "w4a8")),
+    Contender("qat_ours_w4a8_adaround", OURS, True, "our QAT w4a8 starting from AdaRound weights",
+              ("--qconfig", "w4a8", "--adaround")),
     Contender("qat_ours_w4a8_kd", OURS, True, "our QAT w4a8 with knowledge distillation",
               ("--qconfig", "w4a8", "--distillation")),
     Contender("qat_ours_mixed", OURS, True, "our QAT with sensitivity-driven per-layer bit widths",

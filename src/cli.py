@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mixed-precision", action="store_true", default=None,
                    help="sensitivity-driven per-layer bit widths (default: qat_params.use_mixed_precision = "
                    f"{qp.use_mixed_precision})")
+    a.add_argument("--adaround", action="store_true", default=None,
+                   help="learned weight rounding (AdaRound) after calibration (default: qat_params.adaround = "
+                   f"{qp.adaround})")
     a.add_argument("--analyze", action="store_true", help="write the quantization analysis report")
     a.add_argument("--seed", type=int, default=None, help=f"random seed (default: {tp.seed})")
     a.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized models after training")
@@ -127,6 +130,7 @@ OVERRIDE_FLAGS = {
     "qat_params.skip_detection_head": ("skip_head", "--skip-detection-head"),
     "qat_params.use_distillation": ("distillation", "--distillation"),
     "qat_params.use_mixed_precision": ("mixed_precision", "--mixed-precision"),
+    "qat_params.adaround": ("adaround", "--adaround"),
     "distillation.teacher_model": ("teacher_model", "--teacher-model"),
     "quantization.default_qconfig": ("qconfig", "--qconfig"),
 }
