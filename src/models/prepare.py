@@ -142,7 +142,10 @@ def _detect_module(model: nn.Module) -> nn.Module:
 def check_supported(model: nn.Module) -> None:
     """Raise on any block we would not quantize correctly, naming it (nothing falls back silently)."""
     conv_mod, block_mod, head_mod = block_modules()
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, block_mod.C2f, block_mod.SPPF)
+    # C3k2 (YOLO11) is a C2f, C3k a C3; C2PSA / PSABlock / Attention hold convs (quantized) and the attention's
+    # matmuls and softmax, which stay float by design (no conv reads them: the tracer gives them no quantizer)
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, block_mod.C2f, block_mod.C3, block_mod.SPPF,
+                  block_mod.C2PSA, block_mod.PSABlock, block_mod.Attention)
     agnostic = (conv_mod.Concat, nn.Upsample, nn.MaxPool2d, nn.Identity, nn.SiLU, nn.BatchNorm2d, block_mod.DFL)
     if has_one2one_head(_detect_module(model)):
         raise UnsupportedModuleError("end-to-end (one2one) Detect heads are not supported yet")
@@ -154,8 +157,8 @@ def check_supported(model: nn.Module) -> None:
             raise UnsupportedModuleError(f"{name}: {type(m).__name__} blocks are not supported")
         if not isinstance(m, allowed) and any(isinstance(c, nn.Conv2d) for c in m.modules()):
             raise UnsupportedModuleError(
-                f"{name}: unsupported block {type(m).__name__}. Supported: Conv, DWConv, C2f, Bottleneck, SPPF, "
-                "Concat, Upsample, Detect (YOLOv8 blocks)."
+                f"{name}: unsupported block {type(m).__name__}. Supported: Conv, DWConv, C2f, C3k2, C3, C3k, "
+                "Bottleneck, SPPF, C2PSA, PSABlock, Attention, Concat, Upsample, Detect (YOLOv8 and YOLO11 blocks)."
             )
 
 
