@@ -193,10 +193,10 @@ def test_spec_layer_config_patterns_select_first_conv_and_head(cfg):
 
 
 def test_unsupported_block_raises_with_name(cfg):
-    from ultralytics.nn.modules import C3
+    from ultralytics.nn.modules import RepC3
 
     m = _model()
-    m.model[2] = C3(16, 16, 1)
+    m.model[2] = RepC3(16, 16, 1)  # RT-DETR's block: RepConv inside
     m.model[2].f, m.model[2].i = -1, 2
     with pytest.raises(UnsupportedModuleError, match="model.2"):
         prepare_qat_model(m, cfg)
