@@ -160,3 +160,8 @@ def test_w4a8_exports_int4_onnx_and_an_int8_storage_ir_that_runs_int8(tmp_path):
     assert openvino_export.weight_bits(xml) == pytest.approx(8.0, abs=0.02)
     report = openvino_export.runtime_int8_report(xml)
     assert len(report.int8) == len(report.quantized) == 63, report.float_fallbacks
+    # why: the IR of the packed INT4 ONNX keeps 4-bit constants but its convs do not run INT8
+    packed = openvino_export.export_openvino(onnx_path, tmp_path / "int4_ir", "int4")
+    assert openvino_export.weight_bits(packed) == pytest.approx(4.0, abs=0.02)
+    int4_report = openvino_export.runtime_int8_report(packed)
+    assert not int4_report.int8 and len(int4_report.float_fallbacks) == 63, int4_report.float_fallbacks

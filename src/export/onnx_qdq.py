@@ -27,7 +27,7 @@ from torch import nn
 from src.errors import QATError
 from src.export.common import Coverage, ExportContext, prepare_for_export, single_thread
 from src.export import metadata as export_metadata
-from src.quantization.fake_quantize import export_mode
+from src.quantization.fake_quantize import export_mode, fake_quantizers
 from src.quantization.utils import fake_quantize
 
 LOGGER = logging.getLogger("yolov8_qat")
@@ -501,8 +501,7 @@ def qdq_onnx(ctx: ExportContext, out_dir: Path | None = None, *, int8_storage: b
 
 def has_int4_weights(model: nn.Module) -> bool:
     """Some weight quantizer of ``model`` has 4 bits or fewer: its export stores packed INT4 weights."""
-    return any(getattr(m, "is_weight", False) and m.bit_width <= 4 for m in model.modules()
-               if hasattr(m, "bit_width"))
+    return any(q.is_weight and q.bit_width <= 4 for q in fake_quantizers(model))
 
 
 def check(ctx: ExportContext) -> None:

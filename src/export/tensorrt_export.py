@@ -29,10 +29,9 @@ import torch
 from src.errors import QATError
 from src.export.common import Coverage, ExportContext
 from src.export.registry import FORMATS
-from src.export.onnx_qdq import (AGNOSTIC_OPS, ExportError, dequantized_source, export_bits_per_weight,
-                                 export_onnx, proto_coverage)
+from src.export.onnx_qdq import AGNOSTIC_OPS, ExportError, dequantized_source, export_onnx, proto_coverage
 # a TensorRT-ready ONNX is read and run here as an ONNX file: these format hooks are the onnx format's
-from src.export.onnx_qdq import read_metadata, runners, yolo_path  # noqa: F401
+from src.export.onnx_qdq import read_metadata, runners, weight_bits, yolo_path  # noqa: F401
 
 LOGGER = logging.getLogger("yolov8_qat")
 
@@ -312,8 +311,3 @@ def coverage(path: Path) -> Coverage:
     cov.violations = check_tensorrt_rules(proto)
     return cov
 
-
-def weight_bits(path: Path) -> float:
-    import onnx  # deferred: heavy optional dependency
-
-    return export_bits_per_weight(onnx.load(str(path)))
