@@ -155,3 +155,29 @@ def test_model_output_moves_towards_the_float_model_on_the_rounding_images():
     before = error()
     adaround(model, lambda: iter(images), 8, iterations=200, positions=1024, progress=False)
     assert error() < before
+
+
+def test_adaround_flag_rounds_the_ptq_checkpoint_weights_onto_their_grid(tiny_dataset, tmp_path):
+    """``--adaround`` reaches the calibration stage: the saved PTQ model's weights are the learned codes times the
+    scale, and differ from nearest rounding of the FP32 weights somewhere."""
+    from src.cli import main
+    from src.models.checkpoint import build_from_checkpoint
+
+    cfg_text = open("configs/qat_config.yaml").read().replace("adaround_iterations: 1000", "adaround_iterations: 30")
+    assert "adaround_iterations: 30" in cfg_text
+    (tmp_path / "cfg.yaml").write_text(cfg_text)
+    runs = {}
+    for name, extra in (("nearest", []), ("adaround", ["--adaround"])):
+        run = tmp_path / name
+        assert main(["--model", "yolov8n.yaml", "--data", str(tiny_dataset), "--img-size", "64", "--batch-size", "4",
+                     "--device", "cpu", "--workers", "0", "--seed", "1", "--epochs", "0", "--config",
+                     str(tmp_path / "cfg.yaml"), "--save-dir", str(run), "--log-dir", str(run / "logs"),
+                     *extra]) == 0
+        runs[name], _ = build_from_checkpoint(torch.load(run / "quantized_model.pt", weights_only=True))
+    flipped = 0
+    nearest = dict(roundable_convs(runs["nearest"]))
+    for name, m in roundable_convs(runs["adaround"]):
+        w = m.conv.weight.detach()
+        assert torch.equal(m.weight_quant(w), w), name
+        flipped += int((nearest[name].weight_quant(nearest[name].conv.weight.detach()) != w).sum())
+    assert flipped > 0
