@@ -57,3 +57,14 @@ def test_deferred_finite_check_flags_on_the_device_and_names_the_layer():
     assert bool(nonfinite_observers([ok, bad]))
     assert take_nonfinite_names([ok, bad]) == ["model.4.conv"]
     assert not bool(nonfinite_observers([ok, bad]))  # taking the names clears the flags
+
+
+def test_the_trainer_reads_loss_items_and_the_finite_flag_in_one_host_sync():
+    from src.training.trainer import read_step_values
+
+    items = {"box": torch.tensor(1.5), "cls": torch.tensor([0.25]), "kd_cls": torch.tensor(0.125)}
+    out = {}
+    counts = count_host_syncs(lambda: out.update(zip(("items", "finite"), read_step_values(items, torch.tensor(True)))))
+    assert sum(counts.values()) == 1, counts  # it was one float() per item plus bool(finite): 4 here
+    assert out["items"] == {"box": 1.5, "cls": 0.25, "kd_cls": 0.125} and out["finite"] is True
+    assert read_step_values({"box": torch.tensor(float("nan"))}, torch.tensor(False))[1] is False

@@ -263,7 +263,7 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         self.adapters.load_state_dict(state)
 
-    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = _raw(preds)
         with torch.no_grad():
             teacher = _raw(self.teacher(batch["img"]))
@@ -271,12 +271,13 @@ class Distiller:
         l_cls = class_kd(student["scores"], teacher["scores"], self.T)
         l_box = box_kd(student["boxes"], teacher["boxes"], teacher["scores"], self.T, self.reg_max)
         loss = self.kd_weight * (l_cls + l_box)
-        items = {"kd_cls": float(l_cls.detach()), "kd_box": float(l_box.detach())}
+        # tensors: the trainer reads every loss item in the step's one host transfer
+        items = {"kd_cls": l_cls.detach(), "kd_box": l_box.detach()}
         if self.feature_weight > 0:
             l_feat = feature_kd(self._features(student, self._student_hooks),
                                 self._features(teacher, self._teacher_hooks), self.adapters)
             loss = loss + self.feature_weight * l_feat
-            items["kd_feat"] = float(l_feat.detach())
+            items["kd_feat"] = l_feat.detach()
         # v8DetectionLoss returns its per-image loss x batch size; match that scale so the weights compare directly
         return loss * bs, items
 

@@ -302,8 +302,7 @@ class QATTrainer:
                 preds = self.forward_model(batch["img"])
                 loss, items = self.model.loss(batch, preds)
                 loss = loss.sum()
-                items = {k: float(v) for k, v in items.items()} if isinstance(items, dict) else \
-                    {f"loss{j}": float(v) for j, v in enumerate(items)}
+                items = dict(items) if isinstance(items, dict) else {f"loss{j}": v for j, v in enumerate(items)}
                 if self.extra_loss is not None:
                     extra, extra_items = self.extra_loss(preds, batch)
                     loss = loss + extra
@@ -314,7 +313,7 @@ class QATTrainer:
             finite = torch.isfinite(loss)
             if self._observers:  # the observers' flags join the step's one read of the loss
                 finite = finite & ~nonfinite_observers(self._observers)
-            finite = bool(finite)
+            items, finite = read_step_values(items, finite)
             if self.world_size > 1:  # every rank must take the same branch
                 flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
                 torch.distributed.all_reduce(flag)
@@ -508,6 +507,15 @@ def _reseed_loader(loader, seed: int, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
     if hasattr(loader, "reset"):
         loader.reset()
+
+
+def read_step_values(items: dict, finite: torch.Tensor) -> tuple[dict[str, float], bool]:
+    """The step's loss items (tensors or numbers) and its finite flag, read back to the host in one transfer: the
+    training step's only host synchronisation."""
+    names = list(items)
+    parts = [torch.as_tensor(items[k], device=finite.device).detach().float().reshape(()) for k in names]
+    values = torch.stack([*parts, finite.float().reshape(())]).tolist()
+    return dict(zip(names, values[:-1])), values[-1] == 1.0
 
 
 class _NonFinite(Exception):
