@@ -10,6 +10,7 @@ OURS = "ours"  # train_qat.py (calibration, and QAT unless --epochs 0)
 ULTRA_TRAIN = "ultralytics_train"  # YOLO(fp32).train(...), optionally quantize=8 (ModelOpt QAT) and distill_model
 ULTRA_PTQ = "ultralytics_ptq"  # YOLO(fp32).export(format="openvino", quantize=8) (NNCF post-training quantization)
 NNCF_AC = "nncf_accuracy_control"  # nncf.quantize_with_accuracy_control on Ultralytics' FP32 IR
+AIMET = "aimet"  # Qualcomm AIMET QuantSim (+ AdaRound, + QAT through Ultralytics' trainer): aimet_contenders.py
 
 FP32_EVAL = "fp32_start"  # the user's FP32 model itself: evaluated and exported, not trained
 
@@ -27,6 +28,7 @@ class Contender:
     description: str
     cli: tuple[str, ...] = ()  # extra train_qat.py flags (OURS)
     ultralytics: dict = field(default_factory=dict)  # extra YOLO.train arguments (ULTRA_TRAIN)
+    aimet: dict = field(default_factory=dict)  # param_bw, adaround, qat (AIMET)
     quick: bool = False  # part of --quick
 
 
@@ -61,6 +63,12 @@ CONTENDERS: tuple[Contender, ...] = (
               ("--qconfig", "w4a8", "--adaround")),
     Contender("qat_ours_w4a8_kd", OURS, True, "our QAT w4a8 with knowledge distillation",
               ("--qconfig", "w4a8", "--distillation")),
+    Contender("ptq_aimet_adaround", AIMET, False, "AIMET AdaRound PTQ, 8-bit weights / 8-bit activations",
+              aimet={"param_bw": 8, "adaround": True}),
+    Contender("ptq_aimet_w4a8_adaround", AIMET, False, "AIMET AdaRound PTQ, 4-bit weights / 8-bit activations",
+              aimet={"param_bw": 4, "adaround": True}),
+    Contender("qat_aimet_w4a8", AIMET, True, "AIMET QuantSim QAT (range learning), 4-bit weights / 8-bit "
+              "activations, trained by Ultralytics' trainer", aimet={"param_bw": 4, "qat": True}),
     Contender("qat_ours_mixed", OURS, True, "our QAT with sensitivity-driven per-layer bit widths",
               ("--mixed-precision",)),
 )

@@ -210,7 +210,31 @@ def run_nncf_accuracy_control(c, spec: dict, out: Path) -> dict:
                        f"{spec['data']!r}, {spec['imgsz']}, max_drop_points=0.2)"}
 
 
-RUNNERS = {"ours": run_ours, "ultralytics_train": run_ultralytics_train, "ultralytics_ptq": run_ultralytics_ptq,
+def run_aimet(c, spec: dict, out: Path) -> dict:
+    """AIMET QuantSim of the start model: AdaRound PTQ or range-learning QAT (benchmarks/aimet_contenders.py)."""
+    from benchmarks import aimet_contenders as aimet
+
+    try:
+        import aimet_torch  # noqa: F401
+    except ImportError as e:
+        raise Unavailable(f"aimet-torch is not installed ({e}); `make bench` installs it") from None
+    start = _start_copy(spec, out)
+    opts = c.aimet
+    sim = aimet.quantsim(start, spec["data"], spec["imgsz"], param_bw=opts["param_bw"],
+                         adaround=opts.get("adaround", False), iterations=spec.get("adaround_iterations", 1000),
+                         qat=opts.get("qat", False), seed=spec["seed"], work=out / "aimet")
+    command = (f"aimet_contenders.quantsim({str(start)!r}, param_bw={opts['param_bw']}, "
+               f"adaround={opts.get('adaround', False)}, qat={opts.get('qat', False)})")
+    if opts.get("qat"):
+        args = recipe(spec)
+        aimet.train_qat(sim, spec, args, out)
+        command += f" + DetectionTrainer(**{args!r})"
+    m = _evaluate(aimet.Unfusable(sim.model), spec)
+    xml = aimet.export_openvino_ir(sim, spec["imgsz"], out / "export")
+    return {"map50": m["map50"], "map50_95": m["map50_95"], "export_path": str(xml), "command": command}
+
+
+RUNNERS = {"ours": run_ours, "aimet": run_aimet, "ultralytics_train": run_ultralytics_train, "ultralytics_ptq": run_ultralytics_ptq,
            "nncf_accuracy_control": run_nncf_accuracy_control, "fp32_start": run_fp32_start}
 
 
