@@ -97,7 +97,7 @@ def machine_info() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     from importlib.metadata import PackageNotFoundError, version
 
-    for pkg in ("torch", "ultralytics", "openvino", "nncf", "nvidia-modelopt", "onnx", "onnxruntime"):
+    for pkg in ("torch", "ultralytics", "openvino", "nncf", "nvidia-modelopt", "aimet-torch", "onnx", "onnxruntime"):
         try:
             info[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -112,7 +112,7 @@ def machine_info() -> dict:
         info["git"] = None
     info["summary"] = (f"{info['cpu']}, {info['cores']} cores" + (f", {info['gpu']}" if info["gpu"] else "") +
                        f"; torch {info['torch']}, ultralytics {info['ultralytics']}, openvino {info['openvino']}, "
-                       f"nncf {info['nncf']}, modelopt {info['nvidia-modelopt']}" +
+                       f"nncf {info['nncf']}, modelopt {info['nvidia-modelopt']}, aimet-torch {info['aimet-torch']}" +
                        (f"; git {info['git']}" if info["git"] else ""))
     return info
 
@@ -133,13 +133,19 @@ def log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+def contender_settings(c: Contender, seed: int, base: dict) -> dict:
+    """What a stored result must have been made with to be reused (AIMET's options only where there are some)."""
+    extra = {"aimet": c.aimet} if c.aimet else {}
+    return {**base, "contender": c.name, "flags": list(c.cli), "ultralytics": c.ultralytics, **extra, "seed": seed}
+
+
 def run_one(c: Contender, seed: int, base: dict, out: Path, timeout: float | None) -> dict:
     """Run one contender seed in a fresh process; a crash or timeout becomes a failed result with the log's tail."""
     run_dir = out / "contenders" / c.name / f"seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun must not mix with a previous run's artifacts
     run_dir.mkdir(parents=True)
-    settings = {**base, "contender": c.name, "flags": list(c.cli), "ultralytics": c.ultralytics, "seed": seed}
+    settings = contender_settings(c, seed, base)
     spec = {**base, "name": c.name, "seed": seed, "out": str(run_dir), "settings": settings}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     log = run_dir / "log.txt"
@@ -166,8 +172,7 @@ def cached(c: Contender, seed: int, base: dict, out: Path, retry_failed: bool) -
         r = json.loads(path.read_text())
     except ValueError:
         return None
-    want = {**base, "contender": c.name, "flags": list(c.cli), "ultralytics": c.ultralytics, "seed": seed}
-    if r.get("settings") != want or (retry_failed and r.get("status") == "failed"):
+    if r.get("settings") != contender_settings(c, seed, base) or (retry_failed and r.get("status") == "failed"):
         return None
     return r
 

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--adaround", action="store_true", default=None,
                    help="learned weight rounding (AdaRound) after calibration (default: qat_params.adaround = "
                    f"{qp.adaround})")
+    a.add_argument("--oscillation-dampening", type=float, default=None, metavar="LAMBDA",
+                   help="weight of the loss term pulling latent weights to their grid points during QAT (Nagel et "
+                   f"al. 2022), ramped up over training; 0 = off (default: qat_params.oscillation_dampening = "
+                   f"{qp.oscillation_dampening:g})")
     a.add_argument("--analyze", action="store_true", help="write the quantization analysis report")
     a.add_argument("--seed", type=int, default=None, help=f"random seed (default: {tp.seed})")
     a.add_argument("--eval", action="store_true", help="evaluate FP32 and quantized models after training")
@@ -131,6 +135,7 @@ OVERRIDE_FLAGS = {
     "qat_params.use_distillation": ("distillation", "--distillation"),
     "qat_params.use_mixed_precision": ("mixed_precision", "--mixed-precision"),
     "qat_params.adaround": ("adaround", "--adaround"),
+    "qat_params.oscillation_dampening": ("oscillation_dampening", "--oscillation-dampening"),
     "distillation.teacher_model": ("teacher_model", "--teacher-model"),
     "quantization.default_qconfig": ("qconfig", "--qconfig"),
 }

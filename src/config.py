@@ -464,7 +464,9 @@ class QATParams(_Section):
     ``bias_correction``: after calibration, each quantized conv's bias absorbs the mean output shift its
     quantization causes on the calibration images (src/models/bias_correction.py). ``adaround``: before that, each
     quantized conv learns whether each weight rounds up or down (AdaRound, src/models/adaround.py), in
-    ``adaround_iterations`` optimisation steps per conv.
+    ``adaround_iterations`` optimisation steps per conv. ``oscillation_dampening``: weight of the term that pulls
+    every quantized weight towards its grid point during QAT (Nagel et al. 2022; in quantization steps squared,
+    summed over weights, ramped from 0 by a half cosine over the QAT steps, src/models/oscillation.py); 0 = off.
     """
 
     skip_detection_head: bool = False
@@ -479,6 +481,7 @@ class QATParams(_Section):
     bias_correction: bool = True
     adaround: bool = False
     adaround_iterations: int = 1000
+    oscillation_dampening: float = 0.0
     freeze_observers_epoch: int | None = 1
     freeze_bn_epoch: int | None = 1
     lsq_lr_scale: float = 1.0
@@ -489,6 +492,7 @@ class QATParams(_Section):
         "calibration_images": (1, None, False, False),
         "calibration_batch_size": (1, None, False, False),
         "adaround_iterations": (1, None, False, False),
+        "oscillation_dampening": (0.0, None, False, False),
         "freeze_observers_epoch": (0, None, False, False),
         "freeze_bn_epoch": (0, None, False, False),
         "lsq_lr_scale": (0.0, None, True, False),

@@ -297,3 +297,11 @@ def test_failed_contender_recorded_with_its_message(tmp_path):
     r = run(spec)
     assert r["status"] == "failed" and r["settings"] == {"x": 1}
     assert "missing.pt" in r["error"] and r["wall_s"] > 0 and r["step_time_s"] is None
+
+
+def test_aimet_options_are_part_of_the_cache_key_only_where_a_contender_has_them():
+    base = {"model": "m.pt", "epochs": 2}
+    assert "aimet" not in compare.contender_settings(BY_NAME["qat_ours"], 0, base)
+    assert compare.contender_settings(BY_NAME["ptq_aimet_w4a8_adaround"], 0, base)["aimet"] == {
+        "param_bw": 4, "adaround": True}
+

@@ -210,6 +210,25 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis
         return fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, axis)[0]
 
 
+def grid_distance(w: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Oscillation dampening term (Nagel et al. 2022): ``sum(((stopgrad(q(w)) - clip(w)) / s) ** 2)``.
+
+    Measured in quantization steps, so every layer's weights are pulled towards their grid points alike whatever
+    their scale; the clip keeps weights beyond the range (which the STE mask already stops) out of the pull. The
+    gradient is ``2 (clip(w) - q(w)) / s**2`` inside the range and 0 outside.
+    """
+    scale, zero_point = _as_qparams(w, scale, zero_point)
+    shape: tuple | list = ()
+    if axis is not None:
+        shape = [1] * w.dim()
+        shape[axis % w.dim()] = -1
+    s = scale.reshape(shape)
+    zp = 0.0 if zero_point is None else zero_point.reshape(shape).to(torch.float32)
+    target = fake_quantize_with_mask(w.detach().float(), scale, zero_point, qmin, qmax, axis)[0]
+    clipped = torch.minimum(torch.maximum(w.float(), (qmin - zp) * s), (qmax - zp) * s)
+    return ((target - clipped) / s).pow(2).sum()
+
+
 # ------------------------------------------------------------------------------------------------------- autograd
 class STEFakeQuant(torch.autograd.Function):
     """Fake quantization with the clipped straight-through estimator: dx = dy * mask."""

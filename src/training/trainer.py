@@ -28,6 +28,7 @@ from tqdm import tqdm
 from src.errors import QATError
 from src.integrations.torch_ops import is_batch_norm, is_norm_layer
 from src.integrations.ultralytics import set_model_args
+from src.models.oscillation import dampening_weight, quantized_weight_convs, weight_grid_distance
 from src.models.yolov8_qat import qat_checkpoint, quantizers, refresh_weight_qparams, set_observers
 from src.quantization.fake_quantize import FakeQuantize
 from src.quantization.observers import nonfinite_observers, take_nonfinite_names
@@ -161,6 +162,7 @@ class QATTrainer:
             LOGGER.info("DDP: per-epoch validation is off; best.pt is the last epoch")
             self.validate_each_epoch = False
         self.optimizer = build_optimizer(self.model, cfg, tp.lr)
+        self._dampened = quantized_weight_convs(self.model) if qp.oscillation_dampening > 0 else []
         self.ema = QATModelEMA(self.model) if tp.ema else None
         self.amp = bool(tp.amp and device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -307,6 +309,11 @@ class QATTrainer:
                     extra, extra_items = self.extra_loss(preds, batch)
                     loss = loss + extra
                     items.update(extra_items)
+                if self._dampened:
+                    damp = weight_grid_distance(self._dampened) * dampening_weight(
+                        self.cfg.qat_params.oscillation_dampening, ni / max(nb * self.qat_epochs, 1))
+                    loss = loss + damp
+                    items["dampening"] = damp.detach()
                 # DDP averages gradients over ranks (so do average_gradients for the adapters): x world_size, as
                 # Ultralytics does, on the whole sum so the extra term keeps its weight against the detection loss
                 loss = loss * self.world_size
