@@ -61,6 +61,8 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("qat_ours_w4a8", OURS, True, "our QAT, 4-bit weights / 8-bit activations", ("--qconfig", "w4a8")),
     Contender("qat_ours_w4a8_adaround", OURS, True, "our QAT w4a8 starting from AdaRound weights",
               ("--qconfig", "w4a8", "--adaround")),
+    Contender("qat_ours_w4a8_dampening", OURS, True, "our QAT w4a8 with oscillation dampening (lambda 1e-4)",
+              ("--qconfig", "w4a8", "--oscillation-dampening", "1e-4")),
     Contender("qat_ours_w4a8_kd", OURS, True, "our QAT w4a8 with knowledge distillation",
               ("--qconfig", "w4a8", "--distillation")),
     Contender("ptq_aimet_adaround", AIMET, False, "AIMET AdaRound PTQ, 8-bit weights / 8-bit activations",
