@@ -297,3 +297,25 @@ def test_ste_mask_of_a_known_zero_point_is_the_clipping_mask(axis):
     x = w.clone().requires_grad_()
     STEFakeQuant.apply(x, scale, None, -127, 127, axis).backward(torch.ones_like(w))
     assert torch.equal(x.grad, mask_ref.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lsq_keeps_a_half_precision_input_in_its_own_dtype_for_backward(dtype):
+    """Under AMP an fp32 copy of every fp16/bf16 input would double LSQ's saved memory; the values stay the same."""
+    g = torch.Generator().manual_seed(5)
+    x_half = (torch.randn(2, 4, 6, 6, generator=g) * 3).to(dtype)
+    saved = []
+    results = {}
+    for name, x in (("half", x_half), ("fp32", x_half.float())):
+        xg = x.clone().requires_grad_()
+        s = torch.full((4,), 0.05, requires_grad=True)
+        z = torch.full((4,), 3.0, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((name, t.dtype, t.numel())) or t,
+                                                      lambda t: t):
+            y = LSQFakeQuant.apply(xg, s, z, 0, 255, 1, 0.1, 1.0)
+        y.backward(torch.ones_like(y))
+        results[name] = (y, xg.grad.float(), s.grad, z.grad)
+    x_saved = [(d, n) for name, d, n in saved if name == "half" and n == x_half.numel()]
+    assert x_saved == [(dtype, x_half.numel())]
+    for a, b in zip(results["half"], results["fp32"]):
+        assert torch.equal(a, b)

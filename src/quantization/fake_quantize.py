@@ -254,7 +254,7 @@ class FakeQuantize(nn.Module):
         if self.fq_type == vocab.LSQ:
             numel_per_scale = xf.numel() // max(self.scale.numel(), 1)
             g = lsq_grad_scale(numel_per_scale, self._qmax)
-            y = LSQFakeQuant.apply(xf, self.scale, self.zero_point, self._qmin, self._qmax, axis, g,
+            y = LSQFakeQuant.apply(x, self.scale, self.zero_point, self._qmin, self._qmax, axis, g,
                                    self.grad_factor)
         else:
             # symmetric signed ranges have zero_point 0 by construction: None skips two passes

@@ -256,11 +256,12 @@ class LSQFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis: int | None, grad_scale: float,
                 grad_factor: float = 1.0):
-        x = x.float()
         # A learned scale can be pushed to <= 0 by the optimizer; the kernel needs a positive one.
         s = scale.detach().float().clamp(EPS, MAX_SCALE)
         zp = torch.round(zero_point.detach().float()).clamp(qmin, qmax)
-        y = fake_quantize_with_mask(x, s, zp, qmin, qmax, axis)[0]
+        y = fake_quantize_with_mask(x.float(), s, zp, qmin, qmax, axis)[0]
+        # x is saved in its own dtype: under AMP an fp32 copy would double the memory LSQ keeps per quantizer, and
+        # fp16/bf16 -> fp32 is exact, so backward recomputes the very fp32 values forward used
         ctx.save_for_backward(x, s, zp)
         ctx.qrange, ctx.axis, ctx.grad_scale, ctx.grad_factor = (qmin, qmax), axis, grad_scale, grad_factor
         ctx.scale_meta = (scale.shape, scale.dtype)
@@ -280,6 +281,7 @@ class LSQFakeQuant(torch.autograd.Function):
         expressions in one pass, so they are used here (tests check them against an independent float64 formula).
         """
         x, s, zp = ctx.saved_tensors
+        x = x.float()
         qmin, qmax = ctx.qrange
         grad_out = grad_out.float().contiguous()
         grad_x, grad_s, grad_zp = learnable_fake_quantize_backward(grad_out, x, s, zp, qmin, qmax, ctx.grad_scale,
