@@ -68,3 +68,19 @@ def test_the_trainer_reads_loss_items_and_the_finite_flag_in_one_host_sync():
     assert sum(counts.values()) == 1, counts  # it was one float() per item plus bool(finite): 4 here
     assert out["items"] == {"box": 1.5, "cls": 0.25, "kd_cls": 0.125} and out["finite"] is True
     assert read_step_values({"box": torch.tensor(float("nan"))}, torch.tensor(False))[1] is False
+
+
+def test_the_oscillation_dampening_term_makes_no_host_sync():
+    from src.models.oscillation import quantized_weight_convs, weight_grid_distance
+
+    model, _ = calibrated_qat_model(64, qconfig="w4a8")
+    model.train()
+    set_observers(model, False)
+    convs = quantized_weight_convs(model)
+
+    def run():
+        out = model(torch.rand(2, 3, 64, 64))
+        (sum(t.float().sum() for t in output_tensors(out)) + 1e-4 * weight_grid_distance(convs)).backward()
+
+    counts = count_host_syncs(run)
+    assert sum(counts.values()) == 0, counts.most_common(5)
