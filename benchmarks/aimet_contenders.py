@@ -83,14 +83,15 @@ def folded_model(start: Path, imgsz: int) -> nn.Module:
     return model
 
 
-def image_batches(data: str, n_images: int, seed: int) -> list[torch.Tensor]:
-    """The first ``n_images`` of the training split as our calibration sees them (same loader, order and seed)."""
+def image_batches(data: str, n_images: int, seed: int, imgsz: int) -> list[torch.Tensor]:
+    """The first ``n_images`` of the training split as our calibration sees them (same loader, size, order, seed)."""
     from src.config import load_config
     from src.data.resolve import resolve_data
     from src.stages.calibrate import TrainingImages
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "qat_config.yaml"))
     cfg.train_params.seed = seed
+    cfg.train_params.img_size = imgsz  # the config's 640 otherwise: ranges from images of another size
     images = TrainingImages(cfg, resolve_data(data), torch.device("cpu"), 32)
     n_batches = math.ceil(n_images / cfg.qat_params.calibration_batch_size)
     return list(itertools.islice(iter(images), n_batches))
@@ -119,7 +120,7 @@ def quantsim(start: Path, data: str, imgsz: int, *, param_bw: int, adaround: boo
     torch.manual_seed(seed)
     model = folded_model(start, imgsz)
     dummy = torch.rand(1, 3, imgsz, imgsz)
-    calibration = image_batches(data, 256, seed)
+    calibration = image_batches(data, 256, seed, imgsz)
     scheme = QuantScheme.training_range_learning_with_tf_init if qat else QuantScheme.post_training_tf_enhanced
     encodings = None
     bins = dfl_conv(model).weight.detach().clone()

@@ -44,3 +44,14 @@ def test_aimet_qat_contender_trains_exports_and_runs_int8_in_openvino(tmp_path):
     assert r["status"] == "ok", r["error"]
     assert r["steps"] == 2 and r["map50_95"] is not None
     assert r["int8_convs"] >= 63 and r["export_check"]["passed"]
+
+
+def test_aimet_calibration_images_have_the_contenders_size(tmp_path):
+    """They were letterboxed to the config's 640 px whatever the harness's --imgsz (ranges from other images)."""
+    from benchmarks.aimet_contenders import image_batches
+    from src.data.synthetic import generate_dataset
+
+    data = generate_dataset(tmp_path / "d", n_train=4, n_val=2, imgsz=96, seed=0, progress=False)
+    batches = image_batches(str(data), 4, seed=0, imgsz=96)
+    assert sum(b.shape[0] for b in batches) == 4
+    assert all(b.shape[-2:] == (96, 96) for b in batches)
