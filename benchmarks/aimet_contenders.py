@@ -7,8 +7,8 @@ AIMET's own flow, as its documentation gives it, on an unmodified Ultralytics ch
    functional ops (C2f's split, the residual adds) keep no quantizer of their own, as AIMET runs any model it could
    not prepare; Ultralytics' ``Concat`` module gets the output quantizer AIMET's error message asks one to register.
 2. Optionally ``Adaround.apply_adaround`` (post_training_tf_enhanced, as AIMET's AdaRound examples use) on the same
-   64 training images our AdaRound uses, with our iteration count (AIMET's default, 15000 below 8 bits, costs about
-   15x ours on 2 cores); its parameter encodings are then frozen.
+   64 training images our AdaRound uses, with our iteration count (1000; AIMET's default below 8 bits is 15000);
+   its parameter encodings are then frozen.
 3. ``QuantizationSimModel`` (param / output bit widths, AIMET's default config: per-channel symmetric weights like
    ours) and ``compute_encodings`` on the same 256 calibration images as ours. The DFL conv is left float, as in
    our placement: its fixed weights are the bin indices 0..15, which 4-bit weights cannot hold (AIMET quantizing

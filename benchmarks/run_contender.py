@@ -234,8 +234,9 @@ def run_aimet(c, spec: dict, out: Path) -> dict:
     return {"map50": m["map50"], "map50_95": m["map50_95"], "export_path": str(xml), "command": command}
 
 
-RUNNERS = {"ours": run_ours, "aimet": run_aimet, "ultralytics_train": run_ultralytics_train, "ultralytics_ptq": run_ultralytics_ptq,
-           "nncf_accuracy_control": run_nncf_accuracy_control, "fp32_start": run_fp32_start}
+RUNNERS = {"ours": run_ours, "aimet": run_aimet, "ultralytics_train": run_ultralytics_train,
+           "ultralytics_ptq": run_ultralytics_ptq, "nncf_accuracy_control": run_nncf_accuracy_control,
+           "fp32_start": run_fp32_start}
 
 
 def measure_export(xml: Path, spec: dict) -> dict:

@@ -35,8 +35,6 @@ def weight_grid_distance(convs: list[QuantConv]) -> torch.Tensor:
         if not q.fake_quantizing:
             continue
         scale, zero_point = q.calculate_qparams()
-        if q.symmetric and q.signed:
-            zero_point = None
         terms.append(grid_distance(m.conv.weight, scale, zero_point, q.qmin, q.qmax, q.ch_axis))
     if not terms:
         return torch.zeros((), device=next((m.conv.weight.device for m in convs), None))

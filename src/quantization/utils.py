@@ -143,6 +143,15 @@ def _as_qparams(x: torch.Tensor, scale, zero_point) -> tuple[torch.Tensor, torch
     return scale, zero_point
 
 
+def _broadcast_shape(x: torch.Tensor, axis: int | None) -> tuple | list:
+    """The shape that broadcasts per-tensor (``()``) or per-channel (-1 at ``axis``) qparams against ``x``."""
+    if axis is None:
+        return ()
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return shape
+
+
 def _check_zero_point(zero_point: torch.Tensor, qmin: int, qmax: int) -> None:
     # An out-of-range zero point would silently shift the representable range.
     if bool(((zero_point < qmin) | (zero_point > qmax)).any()):
@@ -177,11 +186,7 @@ def fake_quantize_with_mask(
     if x.device.type == "cuda" and (axis is None or zero_point is None):
         return fused_fake_quantize_with_mask(x, scale.float(), zero_point, qmin, qmax,
                                              None if axis is None else axis % x.dim())
-    if axis is None:
-        shape = ()
-    else:
-        shape = [1] * x.dim()
-        shape[axis % x.dim()] = -1
+    shape = _broadcast_shape(x, axis)
     scale = scale.reshape(shape)
     v = x * (1.0 / scale)
     v.round_()
@@ -218,10 +223,7 @@ def grid_distance(w: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis
     gradient is ``2 (clip(w) - q(w)) / s**2`` inside the range and 0 outside.
     """
     scale, zero_point = _as_qparams(w, scale, zero_point)
-    shape: tuple | list = ()
-    if axis is not None:
-        shape = [1] * w.dim()
-        shape[axis % w.dim()] = -1
+    shape = _broadcast_shape(w, axis)
     s = scale.reshape(shape)
     zp = 0.0 if zero_point is None else zero_point.reshape(shape).to(torch.float32)
     target = fake_quantize_with_mask(w.detach().float(), scale, zero_point, qmin, qmax, axis)[0]
