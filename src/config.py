@@ -650,6 +650,9 @@ class ExportConfig(_Section):
     opset: int = 17
     tolerance: float = 0.5
     dynamic: bool = False
+    # end-to-end heads (YOLO26): evaluate and export the one-to-one branch, NMS-free, output (batch, max_det, 6)
+    # [x1, y1, x2, y2, score, class]; false: the one-to-many branch with NMS outside, as Ultralytics' export default
+    end2end: bool = False
 
     _LABEL: ClassVar[str] = "export"
     _CHOICES: ClassVar[dict] = {"formats": export_formats.names()}
@@ -660,6 +663,11 @@ class ExportConfig(_Section):
         dupes = sorted({f for f in self.formats if self.formats.count(f) > 1})
         if dupes:
             raise ConfigError(f"{path}.formats: {', '.join(dupes)} listed more than once")
+        if self.end2end and "tflite" in self.formats:
+            # as Ultralytics' LiteRT INT8 export: static activation ranges collapse the class-index output
+            raise ConfigError(f"{path}.end2end: true cannot export tflite (int8 activation ranges collapse the "
+                              "NMS-free head's class-index output); drop tflite from export.formats or set "
+                              "export.end2end: false")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from src.stages.export import export_stage
 from src.stages.files import check_writable
 from src.stages.mixed_precision import mixed_precision_stage
 from src.stages.prepare import prepare_model, record_run
-from src.stages.resolve import StartingPoint, resolve_resume, resolve_run
+from src.stages.resolve import StartingPoint, resolve_resume, resolve_run, select_inference_head
 from src.stages.train import save_model, train_stage
 
 LOGGER = logging.getLogger("yolov8_qat")
@@ -105,5 +105,6 @@ def resume(request: RunRequest, overrides: dict) -> dict:
     if ctx.eval:  # the FP32 row: loaded only now, so a moved source cannot cost the training
         fp32_model = load_fp32_source(ctx.fp32_source, ctx.cfg.model.variant, required=False,
                                       trusted=ctx.trust_checkpoint)
+        select_inference_head(ctx.cfg, fp32_model)
         summary["metrics"] = evaluate_stage(ctx, final, fp32_model, "qat")
     return summary

@@ -22,10 +22,14 @@ from src.integrations.ultralytics import (
     carry_layer_attrs,
     conv_block_bn,
     has_one2one_head,
+    inactive_head_branches,
     normalize_coords_wrapper,
     rebuild_bottleneck,
     rebuild_conv_block,
+    select_end2end,
+    set_loss_epoch,
     set_model_args,
+    validator_nms,
 )
 
 
@@ -131,6 +135,48 @@ def test_one2one_head_marks_end_to_end_detect():
     head = block_modules().head.Detect
     assert not has_one2one_head(head(nc=3, ch=(16, 32, 64)))
     assert has_one2one_head(head(nc=3, end2end=True, ch=(16, 32, 64)))
+
+
+def _yolo26n(nc: int = 3) -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return DetectionModel("yolo26n.yaml", nc=nc, verbose=False)
+
+
+def test_end_to_end_head_selection_and_the_branch_fuse_deletes():
+    import copy
+
+    model = _yolov8n()
+    assert not select_end2end(model, True) and inactive_head_branches(model.model[-1]) == ()
+    assert validator_nms(model) is None
+    model = _yolo26n()
+    head = model.model[-1]
+    for on, unused, nms in ((False, ("one2one_cv2", "one2one_cv3"), None), (True, ("cv2", "cv3"), False)):
+        assert select_end2end(model, on) and model.end2end is on
+        assert inactive_head_branches(head) == unused and validator_nms(model) is nms
+        fused = copy.deepcopy(head)
+        fused.fuse()
+        gone = {n for n in ("cv2", "cv3", "one2one_cv2", "one2one_cv3") if getattr(fused, n) is None}
+        assert gone == set(unused)
+        assert fused.end2end is on  # the branch left is the one selected
+
+
+def test_end_to_end_loss_weights_follow_the_epoch_as_ultralytics_trainer_sets_them():
+    from ultralytics.cfg import get_cfg
+
+    model = _yolo26n()
+    set_model_args(model, get_cfg(overrides={"epochs": 3}))
+    weights = []
+    for epoch in (2, 0, 1):  # any order: set from the index, not by counting calls
+        set_loss_epoch(model, epoch)
+        weights += [model.criterion.o2m, model.criterion.o2o]
+    # Ultralytics' E2ELoss: one-to-many weight 0.8 at the first epoch, decaying linearly to 0.1 at the last
+    assert weights == pytest.approx([0.1, 0.9, 0.8, 0.2, 0.45, 0.55])
+    plain = _yolov8n()
+    set_model_args(plain, get_cfg(overrides={"epochs": 3}))
+    set_loss_epoch(plain, 1)  # a criterion without a schedule is left as it is
+    assert type(plain.criterion).__name__ == "v8DetectionLoss"
 
 
 def test_detection_loss_reads_its_gains_from_model_args():

@@ -83,7 +83,9 @@ class Coverage:
 
 
 def prepare_for_export(model: nn.Module, dynamic: bool = False, fmt: str = "onnx") -> nn.Module:
-    """A deep copy in eval mode with the Detect head in Ultralytics' export form (one (1, 4+nc, anchors) tensor)."""
+    """A deep copy in eval mode with the Detect head in Ultralytics' export form: one (1, 4+nc, anchors) tensor, or
+    (1, max_det, 6) from an end-to-end head whose ``end2end`` is set; the branch it does not read is deleted, as
+    Ultralytics' exporter does by fusing."""
     from ultralytics.nn.modules import C2f, Detect  # deferred: heavy dependency, loaded when a model is exported
 
     m = copy.deepcopy(model).float().eval()
@@ -92,6 +94,7 @@ def prepare_for_export(model: nn.Module, dynamic: bool = False, fmt: str = "onnx
     for mod in m.modules():
         if isinstance(mod, Detect):
             mod.export, mod.format, mod.dynamic, mod.shape = True, fmt, dynamic, None
+            mod.fuse()  # drops an end-to-end head's unused branch; nothing else on a single-branch head
         elif isinstance(mod, C2f):
             mod.forward = mod.forward_split  # what Ultralytics' exporter does: Split instead of Slice pairs
     return m

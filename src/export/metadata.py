@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from src.errors import QATError
+from src.models.yolov8_qat import deployed_layers
 
 QUANT_KEY = "qat_quantization"
 REFERENCE_KEY = "qat_reference"
@@ -31,7 +32,9 @@ def quantization_summary(model, cfg=None) -> dict:
     placement = getattr(model, "qat_placement", None)
     if placement is None:
         raise QATError("model is not prepared for QAT (no qat_placement); export a QAT checkpoint or prepared model")
-    layers, groups = placement.layers, placement.groups
+    layers = deployed_layers(model)  # an end-to-end head exports one of its two branches
+    names = {l.name for l in layers}
+    groups = [g for g in placement.groups if not g.consumers or any(c in names for c in g.consumers)]
     quantized = [l for l in layers if l.quantized]
     summary = {
         "quantized_convs": len(quantized),
@@ -99,7 +102,7 @@ def build_metadata(
         "names": {int(k): str(v) for k, v in dict(model.names).items()},
         "args": args,
         "channels": int(model.yaml.get("channels", 3)),
-        "end2end": False,
+        "end2end": bool(getattr(model, "end2end", False)),
         QUANT_KEY: quantization_summary(model, cfg),
     }
     if reference_metrics:

@@ -255,9 +255,17 @@ def _export_copy(model: nn.Module, imgsz: tuple[int, int]) -> tuple[nn.Module, n
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Refuse early what the int8 TFLite route cannot carry exactly (missing packages, non-8-bit activations)."""
+    """Refuse early what the int8 TFLite route cannot carry exactly (missing packages, non-8-bit activations, a
+    head without DFL)."""
     _require_litert()
     _activation_quantizers(model)
+    head = getattr(model, "model", [None])[-1]
+    if getattr(head, "reg_max", 16) == 1:
+        # measured on a calibrated random-init yolo26n at 64 px: boxes off by up to 97 px, scores by 0.5, where the
+        # ONNX and OpenVINO exports of the same model match it; the cause is not found yet
+        raise TFLiteExportError(
+            "the int8 TFLite route does not carry a head without DFL (reg_max 1, e.g. YOLO26) correctly yet: its "
+            "boxes and scores come out wrong; export onnx, openvino or tensorrt for this model")
 
 
 class _QuantizerInputs:
@@ -583,6 +591,9 @@ def export_tflite(
     with torch.no_grad(), _QuantizerInputs(m, quantizers) as rec:
         m(images[0])
     _strip_quantizers(m)
+    # quantizers the forward never reaches belong to no exported tensor (an end-to-end head's unused branch)
+    used = {aq.key for aq, _ in rec.seen}
+    quantizers = {k: aq for k, aq in quantizers.items() if aq.key in used}
 
     with tempfile.TemporaryDirectory(prefix="tflite_export_") as tmp:
         float_path = Path(tmp) / "float.tflite"

@@ -49,7 +49,8 @@ from src.export.discovery import Target, ValidationInputError, discover
 from src.export.hooks import hooks
 from src.export.metadata import QUANT_KEY, REFERENCE_KEY
 from src.export.timing import measure_latency, median_iqr, runners_for, size_mb
-from src.models.yolov8_qat import QAT_CHECKPOINT_KEY, build_from_checkpoint
+from src.integrations.ultralytics import select_end2end, validator_nms
+from src.models.yolov8_qat import QAT_CHECKPOINT_KEY, build_from_checkpoint, deployed_layers
 from src.training.checkpoint import load_checkpoint_file
 
 LOGGER = logging.getLogger("yolov8_qat")
@@ -117,9 +118,10 @@ def export_metadata(t: Target) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------------------------------
-def _val_args(data: str, imgsz: int, batch: int, device: str, save_dir: Path) -> dict:
+def _val_args(data: str, imgsz: int, batch: int, device: str, save_dir: Path, nms: bool | None = None) -> dict:
     return dict(data=str(data), imgsz=imgsz, batch=batch, device=device, workers=0, plots=False, verbose=False,
-                save_json=False, rect=False, project=str(save_dir.parent), name=save_dir.name, exist_ok=True)
+                save_json=False, rect=False, project=str(save_dir.parent), name=save_dir.name, exist_ok=True,
+                nms=nms)
 
 
 def export_map(t: Target, data: str, imgsz: int, device: str, work: Path) -> tuple[float, float]:
@@ -135,7 +137,8 @@ def torch_map(model, data: str, imgsz: int, device: str, work: Path) -> tuple[fl
     """mAP50, mAP50-95 of the fake-quant PyTorch model with the exports' preprocessing (static letterbox)."""
     from ultralytics.models.yolo.detect import DetectionValidator  # deferred: heavy dependency
 
-    validator = DetectionValidator(args=_val_args(data, imgsz, 8, device, work / "val_reference"))
+    validator = DetectionValidator(args=_val_args(data, imgsz, 8, device, work / "val_reference",
+                                                  validator_nms(model)))
     stats = validator(model=copy.deepcopy(model).float().eval())
     return float(stats["metrics/mAP50(B)"]), float(stats["metrics/mAP50-95(B)"])
 
@@ -213,7 +216,9 @@ class Reference:
     path: str | None
 
 
-def load_reference(path: str | None, data: str, imgsz: int, device: str, work: Path) -> Reference:
+def load_reference(path: str | None, data: str, imgsz: int, device: str, work: Path,
+                   end2end: bool = False) -> Reference:
+    """The QAT checkpoint the exports came from, evaluated with the inference branch they hold (``end2end``)."""
     if not path:
         return Reference(None, None, None, None, None)
     p = Path(path)
@@ -228,10 +233,21 @@ def load_reference(path: str | None, data: str, imgsz: int, device: str, work: P
         raise ValidationInputError(f"--reference {path}: not a QAT checkpoint written by train_qat.py")
     model, _ = build_from_checkpoint(ckpt)
     model.eval()
+    if end2end and not select_end2end(model, True):
+        raise ValidationInputError(f"--reference {path}: the exports are NMS-free (end2end) but this checkpoint has "
+                                   "no end-to-end head; pass the checkpoint they were exported from")
     LOGGER.info(f"Evaluating reference {path} (PyTorch fake quant, static {imgsz}px letterbox)...")
     m50, m = torch_map(model, data, imgsz, device, work)
-    q = sum(l.quantized for l in model.qat_placement.layers)
+    q = sum(l.quantized for l in deployed_layers(model))
     return Reference(model, m50, m, q, str(p))
+
+
+def _end2end(metas: list[dict]) -> bool:
+    """Whether the exports hold an end-to-end head's NMS-free branch (all or none of them)."""
+    modes = {bool(m.get("end2end", False)) for m in metas}
+    if len(modes) > 1:
+        raise ValidationInputError("the exports mix NMS-free (end2end) and NMS outputs; validate each kind separately")
+    return modes.pop() if modes else False
 
 
 def validate(
@@ -267,7 +283,7 @@ def validate(
     results: list[ExportResult] = []
     with tempfile.TemporaryDirectory(prefix="validate_exports_") as tmp:
         work = Path(tmp)
-        ref = load_reference(reference, data, imgsz, device, work)
+        ref = load_reference(reference, data, imgsz, device, work, _end2end(metas))
         images = ref_out = None
         if ref.model is not None:
             images = parity_images(data, imgsz, parity_count)

@@ -77,6 +77,47 @@ def has_one2one_head(detect: nn.Module) -> bool:
     return getattr(detect, "one2one_cv2", None) is not None
 
 
+def inactive_head_branches(detect: nn.Module) -> tuple[str, ...]:
+    """Attribute names of the ``Detect`` branches an inference forward does not read: an end-to-end head's
+    one-to-one branch unless ``end2end`` selects it (Ultralytics' default: one-to-many outputs, NMS outside), else its
+    one-to-many branch; none for a single-branch head. ``Detect.fuse()`` deletes exactly these."""
+    if not has_one2one_head(detect):
+        return ()
+    return ("cv2", "cv3") if detect.end2end else ("one2one_cv2", "one2one_cv3")
+
+
+def select_end2end(model: nn.Module, on: bool) -> bool:
+    """Select the inference branch of ``model``'s end-to-end head: one-to-one, NMS-free (``on``) or one-to-many with
+    NMS outside (Ultralytics' default, ``nms=None``); returns whether the model has such a head (nothing to select
+    otherwise)."""
+    detect = getattr(model, "model", [None])[-1]
+    if detect is None or not has_one2one_head(detect):
+        return False
+    detect.end2end = on
+    return True
+
+
+def validator_nms(model: nn.Module) -> bool | None:
+    """The ``nms`` argument under which Ultralytics' validator keeps ``model``'s inference branch (``nms=False``
+    selects an end-to-end head's one-to-one branch, ``None`` the one-to-many one)."""
+    return False if getattr(model, "end2end", False) else None
+
+
+def set_loss_epoch(model: nn.Module, epoch: int) -> None:
+    """Put ``model``'s criterion in the state Ultralytics' trainer gives it at the start of ``epoch`` (0-based).
+
+    An end-to-end head's ``E2ELoss`` moves weight from its one-to-many to its one-to-one term as epochs pass
+    (``update()`` after each epoch, over ``model.args.epochs``); set from the epoch index, as Ultralytics' resume does,
+    so a resumed or rolled-back epoch gets the same weights. Other criteria have no schedule.
+    """
+    criterion = getattr(model, "criterion", None)
+    if criterion is None:
+        criterion = model.criterion = model.init_criterion()
+    if hasattr(criterion, "update") and hasattr(criterion, "updates"):
+        criterion.updates = epoch - 1
+        criterion.update()
+
+
 def set_model_args(model: nn.Module, args: Any) -> None:
     """Set ``model.args``, where Ultralytics looks for a model's hyperparameters.
 

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from src.errors import QATError
-from src.integrations.ultralytics import block_modules, carry_layer_attrs, has_one2one_head
+from src.integrations.ultralytics import block_modules, carry_layer_attrs, inactive_head_branches
 from src.models.placement import GroupPlacement, LayerPlacement, Placement, plain_data
 from src.models.quant_modules import QuantBottleneck, QuantConv, Site, UnsupportedModuleError
 from src.models.tracing import SiteTrace, trace_sites
@@ -139,6 +139,16 @@ def _detect_module(model: nn.Module) -> nn.Module:
     return heads[0]
 
 
+def deployed_layers(model: nn.Module) -> list[LayerPlacement]:
+    """The placement's convs an inference forward runs: all but an end-to-end head's unused branch (YOLO26 trains
+    both branches; an export holds the one its ``end2end`` setting selects)."""
+    placement = model.qat_placement
+    detect = _detect_module(model)
+    head = next(n for n, m in model.named_modules() if m is detect)
+    unused = tuple(f"{head}.{b}." for b in inactive_head_branches(detect))
+    return [l for l in placement.layers if not l.name.startswith(unused)] if unused else list(placement.layers)
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise on any block we would not quantize correctly, naming it (nothing falls back silently)."""
     conv_mod, block_mod, head_mod = block_modules()
@@ -147,8 +157,7 @@ def check_supported(model: nn.Module) -> None:
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, block_mod.C2f, block_mod.C3, block_mod.SPPF,
                   block_mod.C2PSA, block_mod.PSABlock, block_mod.Attention)
     agnostic = (conv_mod.Concat, nn.Upsample, nn.MaxPool2d, nn.Identity, nn.SiLU, nn.BatchNorm2d, block_mod.DFL)
-    if has_one2one_head(_detect_module(model)):
-        raise UnsupportedModuleError("end-to-end (one2one) Detect heads are not supported yet")
+    _detect_module(model)
     allowed = containers + agnostic + (conv_mod.Conv, block_mod.Bottleneck, head_mod.Detect, nn.Conv2d)
     for name, m in model.model.named_modules(prefix="model"):
         if isinstance(m, (QuantConv, QuantBottleneck, FakeQuantize)):
@@ -158,7 +167,8 @@ def check_supported(model: nn.Module) -> None:
         if not isinstance(m, allowed) and any(isinstance(c, nn.Conv2d) for c in m.modules()):
             raise UnsupportedModuleError(
                 f"{name}: unsupported block {type(m).__name__}. Supported: Conv, DWConv, C2f, C3k2, C3, C3k, "
-                "Bottleneck, SPPF, C2PSA, PSABlock, Attention, Concat, Upsample, Detect (YOLOv8 and YOLO11 blocks)."
+                "Bottleneck, SPPF, C2PSA, PSABlock, Attention, Concat, Upsample, Detect (YOLOv8, YOLO11 and YOLO26 "
+                "blocks)."
             )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from src.models.checkpoint import (FP32_METRICS_KEY, QAT_CHECKPOINT_KEY, QAT_FORMAT_VERSION, build_from_checkpoint,
                                    fp32_metrics_record, qat_checkpoint, same_architecture, stored_fp32_metrics)
 from src.models.placement import GroupPlacement, LayerPlacement, Placement
-from src.models.prepare import prepare_qat_model, to_float
+from src.models.prepare import deployed_layers, prepare_qat_model, to_float
 from src.models.quant_modules import QuantBottleneck, QuantConv, Site, UnsupportedModuleError
 from src.models.switches import is_qat_model, quantizers, refresh_weight_qparams, set_fake_quant, set_observers
 
@@ -38,6 +38,7 @@ __all__ = [
     "Site",
     "UnsupportedModuleError",
     "build_from_checkpoint",
+    "deployed_layers",
     "fp32_metrics_record",
     "is_qat_model",
     "prepare_qat_model",

@@ -11,7 +11,8 @@ from torch import nn
 from src.config import load_config
 from src.data.resolve import (ResolvedModel, load_fp32_model, load_fp32_source, resolve_data,
                               resolve_model_path)
-from src.errors import QATError
+from src.errors import ConfigError, QATError
+from src.integrations.ultralytics import select_end2end
 from src.models.yolov8_qat import FP32_METRICS_KEY, build_from_checkpoint, same_architecture, stored_fp32_metrics
 from src.stages.context import RunContext, RunRequest
 from src.stages.device import init_distributed, select_device
@@ -124,7 +125,20 @@ def resolve_run(request: RunRequest, overrides: dict) -> tuple[RunContext, Start
     ctx = RunContext(cfg, data, data_yaml, device, rank, run_dir, Path(request.export_dir), Path(request.log_dir),
                      request.output, fp32_source, train, request.eval, request.export, request.validate_exports,
                      request.analyze, trust_checkpoint=request.trust_checkpoint, fp32_metrics=fp32_metrics)
+    select_inference_head(cfg, start.fp32_model, start.qat_model)
     return ctx, start
+
+
+def select_inference_head(cfg, *models: nn.Module | None) -> None:
+    """Give every model the inference branch ``export.end2end`` names (evaluation and export read the same one).
+
+    Raises:
+        ConfigError: ``export.end2end`` is true but the model has no end-to-end head.
+    """
+    for m in models:
+        if m is not None and not select_end2end(m, cfg.export.end2end) and cfg.export.end2end:
+            raise ConfigError("export.end2end: true, but the model has no end-to-end (one-to-one) head; it exists "
+                              "on YOLO26-style models. Set export.end2end: false")
 
 
 def _from_qat_checkpoint(resolved: ResolvedModel, cfg, request: RunRequest, data: dict | None,
@@ -197,4 +211,5 @@ def resolve_resume(request: RunRequest, overrides: dict) -> tuple[RunContext, St
                      request.output, extra.get("fp32_source"), True, request.eval, request.export,
                      request.validate_exports, request.analyze, trust_checkpoint=request.trust_checkpoint,
                      fp32_metrics=stored_fp32_metrics(ckpt))
+    select_inference_head(cfg, model)
     return ctx, StartingPoint(None, model, last, "qat", extra, st)

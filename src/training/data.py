@@ -29,6 +29,7 @@ def hyperparameters(cfg, imgsz: int | None = None, **overrides: Any):
     values = {
         "imgsz": imgsz or tp.img_size,
         "batch": tp.batch_size,
+        "epochs": max(tp.epochs, 1),  # the end-to-end (YOLO26) loss schedules its terms over the run as yolo train does
         "workers": tp.workers,
         "seed": tp.seed,
         "deterministic": True,

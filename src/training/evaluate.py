@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from src.integrations.ultralytics import validator_nms
+
 LOGGER = logging.getLogger("yolov8_qat")
 
 
@@ -53,6 +55,7 @@ def evaluate(
         # static letterbox at imgsz, as the exports run: Ultralytics' rect batches would pad a square 256 px set to
         # 288 px and make torch and export numbers incomparable
         rect=False,
+        nms=validator_nms(model),  # the inference branch the model selects (an end-to-end head has two)
     )
     m = copy.deepcopy(model).float().eval()
     # Ultralytics' validator creates its save_dir (runs_dir/detect/train-N) even when it writes nothing into it

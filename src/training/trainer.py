@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from src.errors import QATError
 from src.integrations.torch_ops import is_batch_norm, is_norm_layer
-from src.integrations.ultralytics import set_model_args
+from src.integrations.ultralytics import set_loss_epoch, set_model_args
 from src.models.oscillation import dampening_weight, quantized_weight_convs, weight_grid_distance
 from src.models.yolov8_qat import qat_checkpoint, quantizers, refresh_weight_qparams, set_observers
 from src.quantization.fake_quantize import FakeQuantize
@@ -281,6 +281,7 @@ class QATTrainer:
         tp = self.cfg.train_params
         self.model.train()
         self._set_epoch_switches(epoch)
+        set_loss_epoch(self.model, max(min(epoch, self.qat_epochs - 1), 0))  # fine-tuning epochs keep the last QAT weights
         base = self._epoch_lr(epoch)
         sums: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
