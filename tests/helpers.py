@@ -28,3 +28,39 @@ def calibrated_qat_model(imgsz: int = 64, qconfig: str | None = None, overrides:
     g = torch.Generator().manual_seed(1)
     calibrate(model, [torch.rand(2, 3, imgsz, imgsz, generator=g) for _ in range(2)], 4, progress=False)
     return model.eval(), cfg
+
+
+def prepared_model_family(model_yaml: str, imgsz: int = 64):
+    """A packaged model YAML (nc=3, random init, seed 0) prepared with the shipped config and calibrated on random
+    images.
+
+    Returns:
+        (model in eval mode, placement)
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.config import load_config
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.quantization.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = DetectionModel(model_yaml, nc=3, verbose=False)
+    placement = prepare_qat_model(model, load_config("configs/qat_config.yaml"))
+    g = torch.Generator().manual_seed(1)
+    calibrate(model, [torch.rand(2, 3, imgsz, imgsz, generator=g) for _ in range(2)], 4, progress=False)
+    return model.eval(), placement
+
+
+def onnx_runtime_and_torch_outputs(model, onnx_path, imgsz: int, n: int = 2, seed: int = 4):
+    """(ONNX Runtime output, output of ``model`` in export form) on ``n`` random images, one pair per image."""
+    import onnxruntime as ort
+
+    from src.export.common import prepare_for_export
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = prepare_for_export(model)
+    pairs = []
+    for xi in torch.rand(n, 1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed)):
+        with torch.no_grad():
+            pairs.append((sess.run(None, {"images": xi.numpy()})[0], ref(xi).numpy()))
+    return pairs

@@ -11,24 +11,14 @@ import pytest
 import torch
 
 from src.cli import main
+from tests.helpers import onnx_runtime_and_torch_outputs, prepared_model_family
 
 IMGSZ = 64
 
 
 @pytest.fixture(scope="module")
 def yolo11n():
-    from ultralytics.nn.tasks import DetectionModel
-
-    from src.config import load_config
-    from src.models.yolov8_qat import prepare_qat_model
-    from src.quantization.calibration import calibrate
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
-    placement = prepare_qat_model(model, load_config("configs/qat_config.yaml"))
-    g = torch.Generator().manual_seed(1)
-    calibrate(model, [torch.rand(2, 3, IMGSZ, IMGSZ, generator=g) for _ in range(2)], 4, progress=False)
-    return model.eval(), placement
+    return prepared_model_family("yolo11n.yaml", IMGSZ)
 
 
 def test_every_yolo11_conv_is_quantized_including_attention_and_depthwise_convs(yolo11n):
@@ -47,9 +37,7 @@ def test_every_yolo11_conv_is_quantized_including_attention_and_depthwise_convs(
 
 def test_yolo11_onnx_runs_every_conv_int8_and_matches_fake_quant(yolo11n, tmp_path):
     import onnx
-    import onnxruntime as ort
 
-    from src.export.common import prepare_for_export
     from src.export.onnx_qdq import export_onnx, qdq_summary
     from src.export.openvino_export import export_openvino, runtime_int8_report
 
@@ -63,13 +51,8 @@ def test_yolo11_onnx_runs_every_conv_int8_and_matches_fake_quant(yolo11n, tmp_pa
     assert {"MatMul", "Softmax"} <= names
     report = runtime_int8_report(export_openvino(path, tmp_path / "ov", "y11"))
     assert len(report.int8) == len(report.quantized) == 87, report.float_fallbacks
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ref = prepare_for_export(model)
-    x = torch.rand(2, 1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(4))
-    for xi in x:
-        with torch.no_grad():
-            expected = ref(xi).numpy()
-        assert np.abs(sess.run(None, {"images": xi.numpy()})[0] - expected).max() < 1e-3
+    for got, expected in onnx_runtime_and_torch_outputs(model, path, IMGSZ):
+        assert np.abs(got - expected).max() < 1e-3
 
 
 def test_yolo11n_ptq_qat_export_and_validation_from_the_command_line(tiny_dataset, tmp_path):

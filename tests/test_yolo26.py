@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from src.cli import main
+from tests.helpers import onnx_runtime_and_torch_outputs, prepared_model_family
 
 IMGSZ = 64
 ANCHORS = sum((IMGSZ // s) ** 2 for s in (8, 16, 32))  # 84 at 64 px
@@ -21,18 +22,7 @@ BRANCH_CONVS = 3 * (3 + 5)  # per level: box branch Conv, Conv, Conv2d; class br
 
 @pytest.fixture(scope="module")
 def yolo26n():
-    from ultralytics.nn.tasks import DetectionModel
-
-    from src.config import load_config
-    from src.models.yolov8_qat import prepare_qat_model
-    from src.quantization.calibration import calibrate
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolo26n.yaml", nc=3, verbose=False)
-    placement = prepare_qat_model(model, load_config("configs/qat_config.yaml"))
-    g = torch.Generator().manual_seed(1)
-    calibrate(model, [torch.rand(2, 3, IMGSZ, IMGSZ, generator=g) for _ in range(2)], 4, progress=False)
-    return model.eval(), placement
+    return prepared_model_family("yolo26n.yaml", IMGSZ)
 
 
 def _e2e(model, on: bool):
@@ -89,9 +79,7 @@ def test_deployed_convs_are_the_selected_branch(yolo26n, end2end):
 @pytest.mark.parametrize("end2end", [False, True])
 def test_yolo26_onnx_and_openvino_run_the_selected_branch_int8_and_match_fake_quant(yolo26n, end2end, tmp_path):
     import onnx
-    import onnxruntime as ort
 
-    from src.export.common import prepare_for_export
     from src.export.onnx_qdq import export_onnx, qdq_summary
     from src.export.openvino_export import export_openvino, runtime_int8_report
 
@@ -105,13 +93,7 @@ def test_yolo26_onnx_and_openvino_run_the_selected_branch_int8_and_match_fake_qu
     assert any("one2one" in n.name for n in graph.graph.node if n.op_type == "Conv") is end2end
     report = runtime_int8_report(export_openvino(path, tmp_path / "ov", "y26"))
     assert len(report.int8) == len(report.quantized) == deployed, report.float_fallbacks
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ref = prepare_for_export(model)
-    x = torch.rand(2, 1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(4))
-    for xi in x:
-        with torch.no_grad():
-            expected = ref(xi).numpy()
-        got = sess.run(None, {"images": xi.numpy()})[0]
+    for got, expected in onnx_runtime_and_torch_outputs(model, path, IMGSZ):
         # NMS-free: (1, k, 6) rows [x1, y1, x2, y2, score, class], k = min(max_det 300, anchors)
         assert got.shape == ((1, ANCHORS, 6) if end2end else (1, 4 + 3, ANCHORS))
         assert np.abs(_rows(got, end2end) - _rows(expected, end2end)).max() < 1e-3
