@@ -158,3 +158,12 @@ def test_tflite_refuses_a_head_without_dfl(yolo26n):
 
     with pytest.raises(TFLiteExportError, match=r"reg_max 1, e.g. YOLO26.*export onnx, openvino or tensorrt"):
         check_exportable(yolo26n[0])
+
+
+def test_distillation_refuses_an_end_to_end_head(yolo26n):
+    from src.training.distill import DistillationError, _raw
+
+    model = copy.deepcopy(yolo26n[0]).train()
+    preds = model(torch.rand(1, 3, IMGSZ, IMGSZ))
+    with pytest.raises(DistillationError, match=r"end-to-end heads \(YOLO26.*run without --distillation"):
+        _raw(preds)

@@ -45,6 +45,9 @@ def _raw(preds) -> dict:
     """The raw head dict from a Detect output (training: the dict; eval: ``(decoded, dict)``)."""
     if isinstance(preds, (tuple, list)):
         preds = preds[1]
+    if isinstance(preds, dict) and "one2one" in preds:
+        raise DistillationError("distillation of end-to-end heads (YOLO26: one-to-many and one-to-one branches, no "
+                                "DFL) is not supported yet; run without --distillation")
     if not isinstance(preds, dict) or "scores" not in preds or "boxes" not in preds:
         raise DistillationError("distillation needs the Detect head's raw outputs {'boxes', 'scores', 'feats'}; "
                                 "got " + type(preds).__name__)
