@@ -64,3 +64,33 @@ def onnx_runtime_and_torch_outputs(model, onnx_path, imgsz: int, n: int = 2, see
         with torch.no_grad():
             pairs.append((sess.run(None, {"images": xi.numpy()})[0], ref(xi).numpy()))
     return pairs
+
+
+def usable_detector(cfg, model_yaml: str = "yolov8n.yaml", imgsz: int = 64):
+    """A packaged model YAML (nc=3) prepared with ``cfg`` and calibrated at ``imgsz``, and its 8 calibration images.
+
+    Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told apart,
+    and whose int8 TFLite biases overflow int32); BatchNorm statistics from real images keep every layer at unit
+    scale, as in a trained model.
+    """
+    from torch import nn
+    from ultralytics.nn.tasks import DetectionModel
+
+    from src.export.tflite_export import _default_calibration
+    from src.models.yolov8_qat import prepare_qat_model
+    from src.quantization.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = DetectionModel(model_yaml, nc=3, verbose=False)
+    model.names = dict(TINY_NAMES)
+    images = _default_calibration((imgsz, imgsz), 8)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = None
+        bn.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
+    prepare_qat_model(model, cfg, imgsz=imgsz)
+    calibrate(model, [images], len(images), progress=False)
+    return model.eval(), images

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import usable_detector
+
 IMGSZ = 64
 FIELDS = {"path", "format", "map50", "map50_95", "reference_map50_95", "max_abs_err", "cosine", "latency_ms",
           "threads", "int8_convs", "float_convs", "size_mb", "passed"}
@@ -46,12 +48,10 @@ def exports(tiny_dataset, tmp_path_factory):
 def tflite_exports(tiny_dataset, tmp_path_factory):
     """A QAT yolov8n with usable activation scales exported by export_all to ONNX + TFLite (one export, ~10 s)."""
     _skip_without_litert()
-    from test_export_tflite import usable_yolov8n
-
     from src.config import load_config
 
     cfg = load_config("configs/qat_config.yaml", {"export.formats": ["onnx", "tflite"]})
-    model, _ = usable_yolov8n(cfg, IMGSZ)
+    model, _ = usable_detector(cfg, imgsz=IMGSZ)
     out = _export_with_reference(model, cfg, tmp_path_factory.mktemp("validate_tflite"), str(tiny_dataset))
     return {**out, "tflite": out["exports"]["tflite"][0],
             "quantized": sum(layer.quantized for layer in model.qat_placement.layers)}

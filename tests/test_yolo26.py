@@ -152,14 +152,6 @@ def test_nms_free_export_needs_an_end_to_end_head_and_no_tflite(tmp_path):
         load_config(_config(tmp_path, end2end=True, formats=["onnx", "tflite"]))
 
 
-def test_tflite_refuses_a_head_without_dfl(yolo26n):
-    pytest.importorskip("litert_torch")
-    from src.export.tflite_export import TFLiteExportError, check_exportable
-
-    with pytest.raises(TFLiteExportError, match=r"reg_max 1, e.g. YOLO26.*export onnx, openvino or tensorrt"):
-        check_exportable(yolo26n[0])
-
-
 def test_distillation_refuses_an_end_to_end_head(yolo26n):
     from src.training.distill import DistillationError, _raw
 
