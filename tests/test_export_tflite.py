@@ -25,8 +25,8 @@ for _pkg in ("litert_torch", "ai_edge_litert.interpreter", "ai_edge_quantizer.qu
 
 from src.export.common import CalibrationImages  # noqa: E402
 from src.export.tflite_export import (  # noqa: E402
+    OVERRIDDEN_BY_CONSTRAINT,
     WEIGHT_OPS,
-    _as_tflite_layouts,
     _default_calibration,
     _interpreter,
     _qparams,
@@ -301,7 +301,7 @@ def test_family_every_deployed_weight_and_quantizer_reads_back_equal_and_runs_in
     checked = check_activation_grids(model, path, report)  # the tensors the report says carry a QAT grid do
     # the C2PSA attention's value tensor (a reshape of a slice of the qkv conv output, read by the positional conv)
     # must keep the qkv output's grid in TFLite: the report names it as such instead of claiming the QAT grid
-    overridden = [t for t in report.tensors if "TFLite's op constraint" in t.detail]
+    overridden = [t for t in report.tensors if OVERRIDDEN_BY_CONSTRAINT in t.detail]
     assert overridden and all("Attention" in t.name and t.quantizer is None for t in overridden), overridden
     lost = {re.search(r"not quantizer (\w+)'s", t.detail).group(1) for t in overridden}
     assert 1 <= len(lost) <= 2 and not lost & checked  # the value quantizer of each PSA block

@@ -74,6 +74,8 @@ SOURCES = ("qat", "constraint", "calibration")
 CALIBRATION_IMAGES = 8
 SYNTHETIC_SOURCE = "synthetic"
 TFLITE_WEIGHT_QMAX = 127
+# detail of a tensor whose QAT grid TFLite replaced by its input's (the report's and the warning's marker)
+OVERRIDDEN_BY_CONSTRAINT = "TFLite's op constraint"
 
 
 class TFLiteExportError(QATError):
@@ -641,7 +643,7 @@ def export_tflite(
         with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("metadata.json", json.dumps(metadata))
     report = _report(path, written, acts, via_concat, passthrough, pre_silu, wmatch)
-    overridden = [t for t in report.tensors if t.kind == "activation" and "TFLite's op constraint" in t.detail]
+    overridden = [t for t in report.tensors if t.kind == "activation" and OVERRIDDEN_BY_CONSTRAINT in t.detail]
     if overridden:
         LOGGER.warning(f"TFLite: {len(overridden)} tensor(s) keep their producer's int8 grid instead of the QAT "
                        f"quantizer's (TFLite requires it; one rounding the fake-quant model does not have): "
@@ -715,7 +717,7 @@ def _report(path: Path, graph, acts, via_concat, passthrough, pre_silu, wmatch) 
                 # an op TFLite makes keep its input's grid (a reshape of a slice of a conv output that has no
                 # quantizer of its own, e.g. the attention's value tensor) overrode the QAT grid we gave it
                 source, key = "constraint", None
-                detail = f"{op_name} output: its input's grid, not quantizer {aq.key}'s (TFLite's op constraint)"
+                detail = f"{op_name} output: its input's grid, not quantizer {aq.key}'s ({OVERRIDDEN_BY_CONSTRAINT})"
         elif src in acts:  # the float graph input, quantized on entry
             key = acts[src].key
             kind, source, detail = "activation", "qat", f"input of quantizer {key} (QUANTIZE)"
