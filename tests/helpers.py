@@ -69,9 +69,9 @@ def onnx_runtime_and_torch_outputs(model, onnx_path, imgsz: int, n: int = 2, see
 def usable_detector(cfg, model_yaml: str = "yolov8n.yaml", imgsz: int = 64):
     """A packaged model YAML (nc=3) prepared with ``cfg`` and calibrated at ``imgsz``, and its 8 calibration images.
 
-    Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told apart,
-    and whose int8 TFLite biases overflow int32); BatchNorm statistics from real images keep every layer at unit
-    scale, as in a trained model.
+    Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told apart;
+    a yolo26n's head scales sit at the 1e-7 floor and its int8 TFLite comes out garbage); BatchNorm statistics from
+    real images keep every layer at unit scale, as in a trained model.
     """
     from torch import nn
     from ultralytics.nn.tasks import DetectionModel
