@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from src.config import ConfigError, FakeQuantizeConfig, LayerConfig, QATConfig, QuantizerConfig
+from src.integrations.ultralytics import block_modules
 from src.quantization.presets import get_preset
 from src.quantization.vocabulary import weight_rule_problem
 
@@ -42,11 +43,14 @@ def block_types(model: nn.Module) -> dict[str, str]:
     """Top-level block name -> class name.
 
     For an Ultralytics model the blocks are the children of its ``model`` Sequential (``model.0`` ... ``model.22``);
-    for any other module, its direct children.
+    for any other module, its direct children. A Segment or Pose head is named ``Detect`` (it is one, with an extra
+    branch): rules written for the head (``model.[0-9]+.detect``) select it in every task.
     """
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Sequential):
-        return {f"model.{name}": type(child).__name__ for name, child in inner.named_children()}
+        detect = block_modules().head.Detect
+        return {f"model.{name}": "Detect" if isinstance(child, detect) else type(child).__name__
+                for name, child in inner.named_children()}
     return {name: type(child).__name__ for name, child in model.named_children()}
 
 

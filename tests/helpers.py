@@ -52,7 +52,8 @@ def prepared_model_family(model_yaml: str, imgsz: int = 64):
 
 
 def onnx_runtime_and_torch_outputs(model, onnx_path, imgsz: int, n: int = 2, seed: int = 4):
-    """(ONNX Runtime output, output of ``model`` in export form) on ``n`` random images, one pair per image."""
+    """(ONNX Runtime output, output of ``model`` in export form) on ``n`` random images, one pair per image and
+    graph output (a segmentation model's second output is its mask prototypes)."""
     import onnxruntime as ort
 
     from src.export.common import prepare_for_export
@@ -62,12 +63,17 @@ def onnx_runtime_and_torch_outputs(model, onnx_path, imgsz: int, n: int = 2, see
     pairs = []
     for xi in torch.rand(n, 1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed)):
         with torch.no_grad():
-            pairs.append((sess.run(None, {"images": xi.numpy()})[0], ref(xi).numpy()))
+            expected = ref(xi)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = sess.run(None, {"images": xi.numpy()})
+        assert len(got) == len(expected)
+        pairs.extend((g, e.numpy()) for g, e in zip(got, expected))
     return pairs
 
 
-def usable_detector(cfg, model_yaml: str = "yolov8n.yaml", imgsz: int = 64):
+def usable_detector(cfg, model_yaml: str = "yolov8n.yaml", imgsz: int = 64, model_cls=None):
     """A packaged model YAML (nc=3) prepared with ``cfg`` and calibrated at ``imgsz``, and its 8 calibration images.
+    ``model_cls``: the Ultralytics task model (default ``DetectionModel``; ``SegmentationModel``, ``PoseModel``).
 
     Random init shrinks activations layer by layer to ~1e-9 (a degenerate model whose tensors cannot be told apart;
     a yolo26n's head scales sit at the 1e-7 floor and its int8 TFLite comes out garbage); BatchNorm statistics from
@@ -81,7 +87,7 @@ def usable_detector(cfg, model_yaml: str = "yolov8n.yaml", imgsz: int = 64):
     from src.quantization.calibration import calibrate
 
     torch.manual_seed(0)
-    model = DetectionModel(model_yaml, nc=3, verbose=False)
+    model = (model_cls or DetectionModel)(model_yaml, nc=3, verbose=False)
     model.names = dict(TINY_NAMES)
     images = _default_calibration((imgsz, imgsz), 8)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):

@@ -239,8 +239,9 @@ def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
     task = guess_model_task(cfg)
     if task != "detect":
         raise ModelLoadError(
-            f"model YAML {resolved.path} defines a {task!r} model; this toolkit quantizes detection models. "
-            "Use a detection config such as yolov8n.yaml."
+            f"model YAML {resolved.path} defines a {task!r} model; train_qat.py trains and evaluates detection "
+            "models only. Use a detection config such as yolov8n.yaml (segment and pose models are prepared and "
+            "exported from Python: README, 'Segmentation and pose')."
         )
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
         raise ModelLoadError(f"nc={nc!r} must be a positive integer (the dataset's number of classes).")

@@ -33,6 +33,7 @@ from src.quantization.utils import fake_quantize
 LOGGER = logging.getLogger("yolov8_qat")
 
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
+PROTO_NAME = "output1"  # a segmentation model's mask prototypes, named as Ultralytics' exporter does
 MAX_IR_VERSION = 10  # ONNX Runtime and OpenVINO read IR <= 10 (Ultralytics caps it the same way)
 INT4_OPSET = 21  # DequantizeLinear reads INT4 from opset 21
 INT4_RANGE = (-8, 7)
@@ -40,6 +41,8 @@ INT_WEIGHT_TYPES = {2: 8, 3: 8, 22: 4}  # TensorProto UINT8, INT8, INT4 -> bits 
 
 
 # Ops that only move, select or max-pool values: a dequantized tensor stays on its integer grid through them.
+# The weighted ops the placement quantizes (ConvTranspose: a segmentation head's mask-prototype upsampling).
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 AGNOSTIC_OPS = frozenset({"Split", "Slice", "MaxPool", "Resize", "Reshape", "Transpose", "Identity", "Flatten",
                           "Squeeze", "Unsqueeze"})
 
@@ -109,11 +112,14 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     m = prepare_for_export(model, dynamic, fmt)
     im = torch.zeros(1, 3, h, w)
+    names = output_names(m)
     axes = None
     if dynamic:
-        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "anchors"}}
+        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "anchors"},
+                PROTO_NAME: {0: "batch", 2: "mask_height", 3: "mask_width"}}
+        axes = {k: v for k, v in axes.items() if k == INPUT_NAME or k in names}
     with single_thread():
-        proto = _export_proto(m, im, path, opset, axes, simplify)
+        proto = _export_proto(m, im, path, opset, axes, simplify, names)
     if int4_weights:
         proto = store_int4_weights(proto)
     if metadata:
@@ -126,13 +132,22 @@ def export_onnx(
     return path
 
 
-def _export_proto(m: nn.Module, im: torch.Tensor, path: Path, opset: int, axes: dict | None, simplify: bool):
+def output_names(model: nn.Module) -> list[str]:
+    """The graph outputs Ultralytics' backends read: ``output0``, and ``output1`` (mask prototypes) for a
+    segmentation head."""
+    from ultralytics.nn.modules import Segment  # deferred: heavy dependency, loaded when a model is exported
+
+    return [OUTPUT_NAME, PROTO_NAME] if any(isinstance(h, Segment) for h in model.modules()) else [OUTPUT_NAME]
+
+
+def _export_proto(m: nn.Module, im: torch.Tensor, path: Path, opset: int, axes: dict | None, simplify: bool,
+                  names: list[str]):
     import onnx  # deferred: heavy optional dependency
 
     with torch.no_grad(), export_mode(m), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings are expected here
         torch.onnx.export(m, im, str(path), opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=axes, dynamo=False, do_constant_folding=True)
+                          output_names=names, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
     proto = onnx.load(str(path))
     pairs_before = count_qdq(proto)
     if simplify:
@@ -418,7 +433,7 @@ def export_bits_per_weight(proto) -> float:
     producer = {o: n for n in g.node for o in n.output}
     bits = count = 0
     for n in g.node:
-        if n.op_type != "Conv":
+        if n.op_type not in CONV_OPS:
             continue
         src = producer.get(n.input[1])
         init = inits.get(src.input[0] if src is not None and src.op_type == "DequantizeLinear" else n.input[1])
@@ -459,7 +474,7 @@ def qdq_summary(proto) -> QDQSummary:
         dequantize_nodes=sum(n.op_type == "DequantizeLinear" for n in g.node),
     )
     for n in g.node:
-        if n.op_type != "Conv":
+        if n.op_type not in CONV_OPS:
             continue
         x_q = bool(dequantized_source(n.input[0], producer))
         w_dq = producer.get(n.input[1])

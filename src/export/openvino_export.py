@@ -32,6 +32,10 @@ LOGGER = logging.getLogger("yolov8_qat")
 MODEL_DIR_SUFFIX = FORMATS["openvino"].model_dir_suffix
 
 INT8_PRECISIONS = ("u8", "i8")
+# IR ops of the placement's convs (ConvolutionBackpropData: a segmentation head's mask-prototype upsampling), and the
+# CPU plugin's layer types they compile to
+CONVOLUTION_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData")
+RUNTIME_CONVOLUTION_TYPES = ("Convolution", "Deconvolution")
 # IR ops a FakeQuantize output passes through without leaving its grid (OpenVINO's LPT propagates through them).
 _OV_AGNOSTIC = frozenset({"Split", "VariadicSplit", "StridedSlice", "Slice", "MaxPool", "Interpolate", "Reshape",
                           "Transpose", "Squeeze", "Unsqueeze"})
@@ -189,7 +193,7 @@ def quantized_convolutions(ov_model) -> tuple[list[str], list[str]]:
     """(quantized, float) Convolution names of an IR: quantized = FakeQuantize-fed input and integer weight."""
     quantized, plain = [], []
     for op in ov_model.get_ordered_ops():
-        if op.get_type_name() not in ("Convolution", "GroupConvolution"):
+        if op.get_type_name() not in CONVOLUTION_OPS:
             continue
         q = _fq_fed(op.input(0).get_source_output()) and _int_weight(op.input(1).get_source_output())
         (quantized if q else plain).append(op.get_friendly_name())
@@ -224,7 +228,7 @@ def runtime_int8_report(xml_path: str | Path, device: str = "CPU", config: dict 
     precision_of: dict[str, str] = {}
     for node in runtime.get_ordered_ops():
         info = node.get_rt_info()
-        if "layerType" not in info or "Convolution" not in info["layerType"].astype(str):
+        if "layerType" not in info or not any(t in info["layerType"].astype(str) for t in RUNTIME_CONVOLUTION_TYPES):
             continue
         precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
         for name in info["originalLayersNames"].astype(str).split(","):
@@ -321,7 +325,7 @@ def weight_bits(path: Path) -> float:
 
     bits = count = 0
     for op in ov.Core().read_model(str(path)).get_ordered_ops():
-        if op.get_type_name() not in ("Convolution", "GroupConvolution"):
+        if op.get_type_name() not in CONVOLUTION_OPS:
             continue
         b = _weight_element_bits(op.input(1).get_source_output())
         n = int(np.prod(list(op.get_input_shape(1))))

@@ -29,7 +29,7 @@ import torch
 from src.errors import QATError
 from src.export.common import Coverage, ExportContext
 from src.export.registry import FORMATS
-from src.export.onnx_qdq import AGNOSTIC_OPS, ExportError, dequantized_source, export_onnx, proto_coverage
+from src.export.onnx_qdq import AGNOSTIC_OPS, CONV_OPS, ExportError, dequantized_source, export_onnx, proto_coverage
 # a TensorRT-ready ONNX is read and run here as an ONNX file: these format hooks are the onnx format's
 from src.export.onnx_qdq import read_metadata, runners, weight_bits, yolo_path  # noqa: F401
 
@@ -126,7 +126,7 @@ def requantize_conv_inputs(proto):
     producer = {o: n for n in g.node for o in n.output}
     new_nodes: dict[int, list] = {}
     for idx, n in enumerate(g.node):
-        if n.op_type != "Conv":
+        if n.op_type not in CONV_OPS:
             continue
         src = producer.get(n.input[0])
         if src is None or src.op_type == "DequantizeLinear" or src.op_type not in AGNOSTIC_OPS | {"Concat"}:
@@ -192,7 +192,7 @@ def check_tensorrt_rules(onnx_path) -> list[str]:
         shown = ", ".join(bad_zp[:6]) + (f" and {len(bad_zp) - 6} more" if len(bad_zp) > 6 else "")
         out.append(f"{len(bad_zp)} Q/DQ node(s) are not int8 with zero point 0: {shown}. {SYMMETRIC_HINT}")
     for n in g.node:
-        if n.op_type != "Conv":
+        if n.op_type not in CONV_OPS:
             continue
         w_dq = producer.get(n.input[1])
         x_src = producer.get(n.input[0])

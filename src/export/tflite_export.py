@@ -259,9 +259,16 @@ def _export_copy(model: nn.Module, imgsz: tuple[int, int]) -> tuple[nn.Module, n
 def check_exportable(model: nn.Module) -> None:
     """Refuse early what the int8 TFLite route cannot carry exactly (missing packages, non-8-bit activations); warn
     about a head without DFL."""
+    from ultralytics.nn.modules import Pose, Segment  # deferred: heavy dependency, loaded when a model is exported
+
+    head = getattr(model, "model", [None])[-1]
+    if isinstance(head, (Segment, Pose)):
+        # the input-relative coordinates Ultralytics' LiteRTBackend expects cover boxes only here (mask prototypes
+        # and keypoints would come out unscaled): refused rather than exported wrong
+        raise TFLiteExportError(f"TFLite export of a {type(head).__name__} head is not supported; export it with "
+                                "export.formats [onnx, openvino] (or tensorrt)")
     _require_litert()
     _activation_quantizers(model)
-    head = getattr(model, "model", [None])[-1]
     if getattr(head, "reg_max", 16) == 1:
         # TFLite requantizes every conv output to int8: without DFL the head's last box convs output the box
         # distances themselves, which then lie on a grid calibrated by min/max over CALIBRATION_IMAGES images.

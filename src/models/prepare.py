@@ -88,7 +88,8 @@ def swap_modules(model: nn.Module, cfg, fuse: bool, skip_head: bool,
     resolved: dict[str, Any] = {}
     conv_sites = _conv_sites(model, skip_head)
     # patterns match the conv's own name (model.0.conv for a Conv block) and its matchable alias
-    conv_name = {name: name if isinstance(m, nn.Conv2d) else f"{name}.conv" for name, m, _ in conv_sites}
+    conv_name = {name: name if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) else f"{name}.conv"
+                 for name, m, _ in conv_sites}
     aliases = {name: matchable_name(conv_name[name], blocks) for name, _, _ in conv_sites}
     layer_config_report(cfg, {conv_name[n]: a for n, a in aliases.items()})
     for name, m, in_head in conv_sites:
@@ -106,6 +107,11 @@ def swap_modules(model: nn.Module, cfg, fuse: bool, skip_head: bool,
         wcfg = copy.deepcopy(rl.weight)
         if "weight_bits" in override:
             wcfg.bit_width = int(override["weight_bits"])
+        if isinstance(q.conv, nn.ConvTranspose2d) and wcfg.scheme == "per_channel":
+            # OpenVINO's CPU plugin runs a deconvolution int8 with one weight scale only: per-channel weights keep it
+            # and the convs around it float
+            wcfg.scheme = "per_tensor"
+            wcfg.observer = "minmax" if wcfg.observer == "per_channel_minmax" else wcfg.observer
         per_channel = wcfg.scheme == "per_channel"
         nch = _weight_channels(q.conv, wcfg.ch_axis, name) if per_channel else None
         q.weight_quant = FakeQuantize(wcfg, _fq_config_for(rl.fake_quantize, wcfg, is_weight=True),
@@ -129,12 +135,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _detect_module(model: nn.Module) -> nn.Module:
-    detect_cls = block_modules().head.Detect
-    heads = [m for m in model.modules() if isinstance(m, detect_cls)]
-    if len(heads) != 1 or type(heads[0]) is not detect_cls:
+    head_mod = block_modules().head
+    supported = (head_mod.Detect, head_mod.Segment, head_mod.Pose)
+    heads = [m for m in model.modules() if isinstance(m, head_mod.Detect)]
+    if len(heads) != 1 or type(heads[0]) not in supported:
         found = ", ".join(type(h).__name__ for h in heads) or "none"
         raise UnsupportedModuleError(
-            f"expected exactly one Ultralytics Detect head, found: {found}. Only detection models are supported."
+            f"expected exactly one Ultralytics Detect, Segment or Pose head, found: {found}. Supported heads: "
+            "Detect (YOLOv8, YOLO11, YOLO26), Segment and Pose (YOLOv8, YOLO11)."
         )
     return heads[0]
 
@@ -155,10 +163,11 @@ def check_supported(model: nn.Module) -> None:
     # C3k2 (YOLO11) is a C2f, C3k a C3; C2PSA / PSABlock / Attention hold convs (quantized) and the attention's
     # matmuls and softmax, which stay float by design (no conv reads them: the tracer gives them no quantizer)
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, block_mod.C2f, block_mod.C3, block_mod.SPPF,
-                  block_mod.C2PSA, block_mod.PSABlock, block_mod.Attention)
+                  block_mod.C2PSA, block_mod.PSABlock, block_mod.Attention, block_mod.Proto)
     agnostic = (conv_mod.Concat, nn.Upsample, nn.MaxPool2d, nn.Identity, nn.SiLU, nn.BatchNorm2d, block_mod.DFL)
     _detect_module(model)
-    allowed = containers + agnostic + (conv_mod.Conv, block_mod.Bottleneck, head_mod.Detect, nn.Conv2d)
+    allowed = containers + agnostic + (conv_mod.Conv, block_mod.Bottleneck, head_mod.Detect, nn.Conv2d,
+                                       nn.ConvTranspose2d)
     for name, m in model.model.named_modules(prefix="model"):
         if isinstance(m, (QuantConv, QuantBottleneck, FakeQuantize)):
             continue
@@ -167,8 +176,8 @@ def check_supported(model: nn.Module) -> None:
         if not isinstance(m, allowed) and any(isinstance(c, nn.Conv2d) for c in m.modules()):
             raise UnsupportedModuleError(
                 f"{name}: unsupported block {type(m).__name__}. Supported: Conv, DWConv, C2f, C3k2, C3, C3k, "
-                "Bottleneck, SPPF, C2PSA, PSABlock, Attention, Concat, Upsample, Detect (YOLOv8, YOLO11 and YOLO26 "
-                "blocks)."
+                "Bottleneck, SPPF, C2PSA, PSABlock, Attention, Concat, Upsample, Detect, Segment (with Proto), Pose "
+                "(YOLOv8, YOLO11 and YOLO26 blocks)."
             )
 
 
@@ -183,7 +192,8 @@ def _conv_sites(model: nn.Module, skip_head: bool) -> list[tuple[str, nn.Module,
         in_head = name.startswith(head_prefix + ".")
         if isinstance(m, conv_cls):
             out.append((name, m, in_head))
-        elif in_head and isinstance(m, nn.Conv2d) and ".dfl" not in name and not name.endswith(".conv"):
+        elif in_head and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and ".dfl" not in name \
+                and not name.endswith(".conv"):
             out.append((name, m, in_head))
     return out
 
@@ -223,12 +233,16 @@ def attach_quantizers(model: nn.Module, swapped: SwappedModules, trace: SiteTrac
     key_of_root: dict[int, str] = {}
     by_name = {l.name: l for l in swapped.layers}
     producers = trace.producers
+    # OpenVINO's CPU plugin runs a deconvolution int8 only on an input without zero point (it skips the transform
+    # for asymmetric inputs, and the refused group then drags its neighbours' convs to float)
+    zero_point_free = {trace.consumer_roots[n] for n, q in swapped.qconvs.items()
+                       if isinstance(q.conv, nn.ConvTranspose2d)}
     for gi, (root, members) in enumerate(sorted(trace.groups.items())):
         key = f"a{gi}"
         key_of_root[root] = key
         first_name = producers[members[0]][0]
         group_info.append(_make_group(model, key, [producers[i][0] for i in members], first_name, swapped, cfg,
-                                      bit_overrides))
+                                      bit_overrides, symmetric=root in zero_point_free))
         fq = model.qat_quantizers[key]
         for si, i in enumerate(members):
             pname, pm = producers[i]
@@ -243,19 +257,24 @@ def attach_quantizers(model: nn.Module, swapped: SwappedModules, trace: SiteTrac
             by_name[name].input_group = key
             continue
         key = f"a{len(group_info)}"
-        group_info.append(_make_group(model, key, [f"{name}:input"], name, swapped, cfg, bit_overrides))
+        group_info.append(_make_group(model, key, [f"{name}:input"], name, swapped, cfg, bit_overrides,
+                                      symmetric=isinstance(q.conv, nn.ConvTranspose2d)))
         q._set_site("input_site", Site(model.qat_quantizers[key], 0, key))
         group_info[-1].consumers.append(name)
         by_name[name].input_group = key
     return group_info
 
 
-def _make_group(model, key, site_names, config_layer, swapped: SwappedModules, cfg, bit_overrides):
-    """Create the shared activation quantizer for one group (configured by its first producer) and describe it."""
+def _make_group(model, key, site_names, config_layer, swapped: SwappedModules, cfg, bit_overrides, *,
+                symmetric: bool = False):
+    """Create the shared activation quantizer for one group (configured by its first producer; ``symmetric``: a
+    signed grid with zero point 0 whatever the config says) and describe it."""
     rl = swapped.resolved.get(config_layer)
     if rl is None:  # producer is a residual add: configured by the bottleneck's own name
         rl = resolve_layer_qconfig(cfg, config_layer, matchable_name(config_layer, swapped.blocks))
     acfg = copy.deepcopy(rl.activation)
+    if symmetric:
+        acfg.symmetric, acfg.dtype = True, "qint8"
     if "activation_bits" in bit_overrides.get(key, {}):
         acfg.bit_width = int(bit_overrides[key]["activation_bits"])
     problem = activation_scheme_problem(acfg.scheme)

@@ -49,7 +49,8 @@ class _SiteMixin:
 class QuantConv(_SiteMixin, nn.Module):
     """A convolution block with fake-quantized weight, optional input site and optional output site.
 
-    Replaces Ultralytics' ``Conv``/``DWConv`` blocks (conv + BN + activation) and the Detect head's plain ``Conv2d``.
+    Replaces Ultralytics' ``Conv``/``DWConv`` blocks (conv + BN + activation), the head's plain ``Conv2d`` and a
+    segmentation head's mask-prototype upsampling ``ConvTranspose2d``.
     With fusion the BN is folded into ``conv``; without it the BN is kept as ``norm`` (not ``bn``, so Ultralytics'
     own ``fuse()`` leaves this block alone).
     """
@@ -67,16 +68,17 @@ class QuantConv(_SiteMixin, nn.Module):
         self.norm = norm
         self.act = act
         self.weight_quant = weight_quant
-        self.source = source  # original block type: Conv, DWConv or Conv2d
+        self.source = source  # original block type: Conv, DWConv, Conv2d or ConvTranspose2d
         self._set_site("input_site", None)
         self._set_site("output_site", None)
         self._set_site("consumer_hook", None)
 
     @classmethod
     def from_float(cls, block: nn.Module, fuse: bool, name: str = "") -> "QuantConv":
-        """Build from an Ultralytics ``Conv``/``DWConv`` block or a plain ``nn.Conv2d`` (weight quantizer set later)."""
-        if isinstance(block, nn.Conv2d):
-            return cls(block, nn.Identity(), None, None, "Conv2d")
+        """Build from an Ultralytics ``Conv``/``DWConv`` block, a plain ``nn.Conv2d`` or ``nn.ConvTranspose2d``
+        (weight quantizer set later)."""
+        if isinstance(block, (nn.Conv2d, nn.ConvTranspose2d)):
+            return cls(block, nn.Identity(), None, None, type(block).__name__)
         if not isinstance(block, block_modules().conv.Conv):
             raise UnsupportedModuleError(f"{name}: expected an Ultralytics Conv block, got {type(block).__name__}")
         source = type(block).__name__
@@ -89,7 +91,7 @@ class QuantConv(_SiteMixin, nn.Module):
 
     def to_float(self) -> nn.Module:
         """Return the equivalent float module (an Ultralytics Conv block, or the plain Conv2d for head outputs)."""
-        if self.source == "Conv2d":
+        if self.source in ("Conv2d", "ConvTranspose2d"):
             return self.conv
         conv, bn = (self.conv, self.norm) if self.norm is not None else identity_bn_for(self.conv)
         return rebuild_conv_block(self.source, conv, bn, self.act)
@@ -112,7 +114,11 @@ class QuantConv(_SiteMixin, nn.Module):
         if site is not None:
             x = site(x)
         c = self.conv
-        y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        if isinstance(c, nn.ConvTranspose2d):
+            y = F.conv_transpose2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.output_padding,
+                                   c.groups, c.dilation)
+        else:
+            y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
         if self.norm is not None:
             y = self.norm(y)
         y = self.act(y)
