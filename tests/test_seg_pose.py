@@ -115,6 +115,25 @@ def test_tflite_refuses_segment_and_pose_heads_by_name(seg, pose):
             check_exportable(model)
 
 
+def test_bias_correction_measures_the_transposed_conv_and_adaround_refuses_it(seg):
+    from src.errors import QATError
+    from src.models.adaround import roundable_convs
+    from src.models.bias_correction import OutputShift
+
+    up = seg.get_submodule("model.22.proto.upsample")
+    x = torch.rand(2, up.conv.in_channels, 4, 4, generator=torch.Generator().manual_seed(3))
+    shift = OutputShift()
+    with torch.no_grad():
+        shift.collect(up, x)
+        site = up._site("input_site")
+        xq = site(x) if site is not None else x
+        diff = (torch.nn.functional.conv_transpose2d(xq, up.quantized_weight(), None, 2, 0)
+                - torch.nn.functional.conv_transpose2d(x, up.conv.weight, None, 2, 0))
+    torch.testing.assert_close(shift.compute(), diff.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-7)
+    with pytest.raises(QATError, match="model.22.proto.upsample is a transposed conv"):
+        roundable_convs(seg)
+
+
 def test_segment_swap_is_reversible():
     from ultralytics.nn.tasks import SegmentationModel
 

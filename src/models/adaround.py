@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from src.errors import QATError
 from src.models.quant_modules import QuantConv
 from src.models.switches import quantizers
 from src.quantization import adaround as ar
@@ -49,6 +50,9 @@ def roundable_convs(model: nn.Module) -> list[tuple[str, QuantConv]]:
     out = []
     for n, m in model.named_modules():
         if isinstance(m, QuantConv) and m.weight_quant is not None and m.norm is None:
+            if m.transposed:  # the patch reconstruction below is written for a forward conv
+                raise QATError(f"AdaRound: {n} is a transposed conv, which it does not support yet; set "
+                               "qat_params.adaround: false for this model")
             q = m.weight_quant
             if q.symmetric and q.signed and q.fake_quantizing:
                 out.append((n, m))

@@ -17,7 +17,6 @@ import logging
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from src.models.quant_modules import QuantConv
@@ -40,9 +39,7 @@ class OutputShift:
         """Accumulate ``conv(Q(x), Q(W)) - conv(x, W)`` summed over batch and positions, for ``block``'s input ``x``."""
         site = block._site("input_site")
         xq = site(x) if site is not None else x
-        c = block.conv
-        diff = (F.conv2d(xq, block.quantized_weight(), None, c.stride, c.padding, c.dilation, c.groups)
-                - F.conv2d(x, c.weight, None, c.stride, c.padding, c.dilation, c.groups))
+        diff = block.conv_with(xq, block.quantized_weight(), None) - block.conv_with(x, block.conv.weight, None)
         s = diff.sum(dim=(0, 2, 3))
         self.total = s if self.total is None else self.total + s
         self.count += diff.shape[0] * diff.shape[2] * diff.shape[3]

@@ -96,6 +96,18 @@ class QuantConv(_SiteMixin, nn.Module):
         conv, bn = (self.conv, self.norm) if self.norm is not None else identity_bn_for(self.conv)
         return rebuild_conv_block(self.source, conv, bn, self.act)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether this is a transposed conv (weight (in, out, kh, kw); a segmentation head's proto upsampling)."""
+        return isinstance(self.conv, nn.ConvTranspose2d)
+
+    def conv_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This block's convolution (plain or transposed, its stride, padding, ...) of ``x`` with ``weight``."""
+        c = self.conv
+        if self.transposed:
+            return F.conv_transpose2d(x, weight, bias, c.stride, c.padding, c.output_padding, c.groups, c.dilation)
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the conv uses it (fake-quantized when the weight quantizer is on)."""
         w = self.conv.weight
@@ -113,12 +125,7 @@ class QuantConv(_SiteMixin, nn.Module):
         site = self._site("input_site")
         if site is not None:
             x = site(x)
-        c = self.conv
-        if isinstance(c, nn.ConvTranspose2d):
-            y = F.conv_transpose2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.output_padding,
-                                   c.groups, c.dilation)
-        else:
-            y = F.conv2d(x, self.quantized_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        y = self.conv_with(x, self.quantized_weight(), self.conv.bias)
         if self.norm is not None:
             y = self.norm(y)
         y = self.act(y)
