@@ -165,3 +165,20 @@ def test_w4a8_exports_int4_onnx_and_an_int8_storage_ir_that_runs_int8(tmp_path):
     assert openvino_export.weight_bits(packed) == pytest.approx(4.0, abs=0.02)
     int4_report = openvino_export.runtime_int8_report(packed)
     assert not int4_report.int8 and len(int4_report.float_fallbacks) == 63, int4_report.float_fallbacks
+
+
+def test_profile_accounts_for_every_int8_conv_of_the_ir(ir, capsys):
+    from benchmarks.ov_profile import main, profile
+    from src.export.openvino_export import runtime_int8_report
+
+    _, _, xml = ir
+    r = profile(xml, threads=1, runs=2)
+    int8_convs = sum(n for (node, kernel), (_, n) in r["by_kernel"].items()
+                     if "onvolution" in node and kernel.lower().endswith(("i8", "u8")))
+    assert int8_convs == len(runtime_int8_report(xml).int8) == 63
+    # every executed convolution lands in one channel bucket; the buckets' time is part of the total
+    assert sum(n for _, n in r["conv_by_channels"].values()) == 64  # 63 int8 + DFL's float conv
+    assert 0 < sum(ms for ms, _ in r["conv_by_channels"].values()) < r["total"]
+    assert main([str(xml), "--runs", "1"]) == 0
+    assert "ms per inference" in capsys.readouterr().out
+    assert main([str(xml) + ".missing"]) == 2
