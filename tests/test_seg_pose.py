@@ -40,6 +40,7 @@ def pose():
 
 
 def test_every_segment_conv_is_quantized_and_the_proto_upsampling_reads_a_zero_point_free_grid(seg):
+    from src.analysis.model_stats import quantization_ratio
     from src.models.quant_modules import QuantConv
 
     placement = seg.qat_placement
@@ -52,6 +53,8 @@ def test_every_segment_conv_is_quantized_and_the_proto_upsampling_reads_a_zero_p
     # every other group keeps the config's asymmetric unsigned grid
     assert not any(g.symmetric for g in placement.groups if g is not group)
     assert {l.name for l in placement.layers if l.name.startswith("model.22.cv4.")} >= {"model.22.cv4.0.2"}
+    ratio = quantization_ratio(seg)  # the analysis report counts the transposed conv too
+    assert (ratio["layers_quantized"], ratio["layers_total"]) == (SEG_CONVS, SEG_CONVS + 1)  # + DFL's fixed conv
 
 
 def test_the_head_rule_written_for_detect_selects_segment_and_pose_heads(seg, pose):
@@ -132,6 +135,46 @@ def test_bias_correction_measures_the_transposed_conv_and_adaround_refuses_it(se
     torch.testing.assert_close(shift.compute(), diff.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-7)
     with pytest.raises(QATError, match="model.22.proto.upsample is a transposed conv"):
         roundable_convs(seg)
+
+
+def test_export_metadata_names_the_task_and_the_pose_keypoint_shape(seg, pose):
+    from src.export.metadata import build_metadata
+
+    meta = build_metadata(seg, IMGSZ)
+    assert (meta["task"], meta["head"]) == ("segment", "Segment") and "kpt_shape" not in meta
+    meta = build_metadata(pose, IMGSZ)
+    assert (meta["task"], meta["head"], meta["kpt_shape"]) == ("pose", "Pose", [17, 3])
+
+
+@pytest.mark.parametrize("task", ["segment", "pose"])
+def test_checkpoints_rebuild_the_task_model_bit_identically_and_train_qat_refuses_them(task, seg, pose, tmp_path,
+                                                                                       tiny_dataset, caplog, capsys):
+    from ultralytics.nn.tasks import PoseModel, SegmentationModel
+
+    from src.cli import main
+    from src.models.yolov8_qat import build_from_checkpoint, qat_checkpoint
+
+    model = seg if task == "segment" else pose
+    path = tmp_path / "q.pt"
+    torch.save(qat_checkpoint(model, load_config_default()), path)
+    rebuilt, _ = build_from_checkpoint(torch.load(path, weights_only=True))
+    assert type(rebuilt) is (SegmentationModel if task == "segment" else PoseModel)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = rebuilt.eval()(x)[0], model.eval()(x)[0]
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(g, w)
+    assert main(["--model", str(path), "--data", str(tiny_dataset), "--epochs", "1", "--device", "cpu",
+                 "--save-dir", str(tmp_path / "run")]) != 0
+    printed = capsys.readouterr()
+    said = caplog.text + printed.out + printed.err
+    assert f"QAT checkpoint {path} defines a '{task}' model; train_qat.py trains and evaluates detection" in said
+
+
+def load_config_default():
+    from src.config import load_config
+
+    return load_config("configs/qat_config.yaml")
 
 
 def test_segment_swap_is_reversible():

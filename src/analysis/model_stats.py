@@ -19,9 +19,10 @@ from src.models.yolov8_qat import QuantConv, quantizers
 
 
 def _conv_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every nn.Conv2d / nn.Linear, named by its owning QuantConv block when it has one."""
+    """Every nn.Conv2d / nn.ConvTranspose2d / nn.Linear, named by its owning QuantConv block when it has one."""
     owners = {id(m.conv): n for n, m in model.named_modules() if isinstance(m, QuantConv)}
-    return [(owners.get(id(m), n), m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    return [(owners.get(id(m), n), m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def quantization_ratio(model: nn.Module) -> dict:

@@ -236,13 +236,7 @@ def _build_from_yaml(resolved: ResolvedModel, nc: int | None):
         raise ModelLoadError(f"model YAML {resolved.path} cannot be read ({err}); fix or replace the file.") from err
     if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
         raise ModelLoadError(f"{resolved.path} is not a model YAML (no backbone/head sections); pass e.g. yolov8n.yaml.")
-    task = guess_model_task(cfg)
-    if task != "detect":
-        raise ModelLoadError(
-            f"model YAML {resolved.path} defines a {task!r} model; train_qat.py trains and evaluates detection "
-            "models only. Use a detection config such as yolov8n.yaml (segment and pose models are prepared and "
-            "exported from Python: README, 'Segmentation and pose')."
-        )
+    require_detection(guess_model_task(cfg), f"model YAML {resolved.path}")
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
         raise ModelLoadError(f"nc={nc!r} must be a positive integer (the dataset's number of classes).")
     model = DetectionModel(cfg, nc=nc, verbose=False)
@@ -272,12 +266,18 @@ def _load_ultralytics_checkpoint(path: Path, trusted: bool):
         ) from err
     if type(model) is not DetectionModel:
         # From the architecture's head; model.args["task"] falls back to "detect" when train_args lack it.
-        task = guess_model_task(getattr(model, "yaml", None) or model)
-        raise ModelLoadError(
-            f"{path} holds a {task!r} model ({type(model).__name__}); this toolkit quantizes detection models. "
-            "Pass a detection checkpoint such as yolov8n.pt."
-        )
+        require_detection(guess_model_task(getattr(model, "yaml", None) or model), f"{path} ({type(model).__name__})")
     return model
+
+
+def require_detection(task: str, source: str) -> None:
+    """Refuse a model of another task than detection, naming it (train_qat.py trains and evaluates detection)."""
+    if task != "detect":
+        raise ModelLoadError(
+            f"{source} defines a {task!r} model; train_qat.py trains and evaluates detection models only. Use a "
+            "detection model such as yolov8n.yaml or yolov8n.pt (segment and pose models are prepared and exported "
+            "from Python: README, 'Quantizing a custom YOLOv8 model')."
+        )
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from src.errors import QATError
+from src.integrations.ultralytics import model_task
 from src.models.yolov8_qat import deployed_layers
 
 QUANT_KEY = "qat_quantization"
@@ -95,8 +96,8 @@ def build_metadata(
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",
         "docs": "https://docs.ultralytics.com",
         "stride": int(max(model.stride)),
-        "task": "detect",
-        "head": "Detect",
+        "task": model_task(model),
+        "head": type(model.model[-1]).__name__,
         "batch": batch,
         "imgsz": [h, w],
         "names": {int(k): str(v) for k, v in dict(model.names).items()},
@@ -105,6 +106,8 @@ def build_metadata(
         "end2end": bool(getattr(model, "end2end", False)),
         QUANT_KEY: quantization_summary(model, cfg),
     }
+    if meta["task"] == "pose":  # Ultralytics' pose backends read it, as its exporter writes it
+        meta["kpt_shape"] = list(model.model[-1].kpt_shape)
     if reference_metrics:
         meta[REFERENCE_KEY] = _reference(reference_metrics)
     return meta

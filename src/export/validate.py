@@ -172,10 +172,12 @@ def parity_images(data: str, imgsz: int, n: int, split: str = "val") -> np.ndarr
 
 
 def torch_outputs(model, images: np.ndarray) -> list[np.ndarray]:
-    """Raw (1, 4+nc, anchors) outputs of the fake-quant model in export form, one image at a time."""
+    """Raw (1, 4+nc, anchors) outputs of the fake-quant model in export form, one image at a time (a segmentation
+    model's first output, as the runtimes' runners return)."""
     m = prepare_for_export(model)
     with torch.no_grad():
-        return [m(torch.from_numpy(x[None])).numpy() for x in images]
+        outs = [m(torch.from_numpy(x[None])) for x in images]
+    return [(o[0] if isinstance(o, tuple) else o).numpy() for o in outs]
 
 
 def parity(reference: list[np.ndarray], runner: Callable, images: np.ndarray) -> tuple[float, float]:

@@ -72,6 +72,24 @@ def rebuild_bottleneck(cv1: nn.Module, cv2: nn.Module, add: bool) -> nn.Module:
     return b
 
 
+def model_task(model_or_yaml) -> str:
+    """Ultralytics' task of a model or model YAML dict, from its head: detect, segment, pose, obb, ..."""
+    from ultralytics.nn.tasks import guess_model_task  # deferred: Ultralytics is imported after prepare_environment()
+
+    return guess_model_task(model_or_yaml)
+
+
+def task_model_class(task: str) -> type:
+    """The Ultralytics model class that builds a model YAML of ``task`` (its loss, and what its head needs, e.g.
+    ``kpt_shape``)."""
+    from ultralytics.nn import tasks  # deferred: as above
+
+    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel}
+    if task not in classes:
+        raise ValueError(f"no model class for task {task!r}; supported: {', '.join(classes)}")
+    return classes[task]
+
+
 def has_one2one_head(detect: nn.Module) -> bool:
     """Whether a ``Detect`` head carries the end-to-end (NMS-free) one-to-one branch."""
     return getattr(detect, "one2one_cv2", None) is not None
@@ -83,7 +101,8 @@ def inactive_head_branches(detect: nn.Module) -> tuple[str, ...]:
     one-to-many branch; none for a single-branch head. ``Detect.fuse()`` deletes exactly these."""
     if not has_one2one_head(detect):
         return ()
-    return ("cv2", "cv3") if detect.end2end else ("one2one_cv2", "one2one_cv3")
+    branches = ("cv2", "cv3", "cv4") if getattr(detect, "one2one_cv4", None) is not None else ("cv2", "cv3")
+    return branches if detect.end2end else tuple(f"one2one_{b}" for b in branches)
 
 
 def select_end2end(model: nn.Module, on: bool) -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 
 from src.config import QATConfig
 from src.errors import QATError
-from src.integrations.ultralytics import match_cls_branch_widths
+from src.integrations.ultralytics import match_cls_branch_widths, model_task, task_model_class
 from src.models.placement import Placement, plain_data
 from src.models.prepare import prepare_qat_model
 from src.models.switches import is_qat_model
@@ -60,9 +60,6 @@ def build_from_checkpoint(ckpt: dict, cfg=None) -> tuple[nn.Module, Any]:
     Returns:
         (model, cfg)
     """
-    # deferred: Ultralytics must be imported after src.env.prepare_environment()
-    from ultralytics.nn.tasks import DetectionModel
-
     if QAT_CHECKPOINT_KEY not in ckpt:
         raise QATError("not a yolov8_qat checkpoint")
     version = ckpt[QAT_CHECKPOINT_KEY].get("format_version")
@@ -72,7 +69,7 @@ def build_from_checkpoint(ckpt: dict, cfg=None) -> tuple[nn.Module, Any]:
     cfg = cfg or stored_cfg
     placement = Placement.from_dict(ckpt["placement"])
     yaml_cfg = copy.deepcopy(ckpt["model_yaml"])
-    model = DetectionModel(yaml_cfg, nc=ckpt["nc"], verbose=False)
+    model = task_model_class(model_task(yaml_cfg))(yaml_cfg, nc=ckpt["nc"], verbose=False)
     # a model fine-tuned from another class count keeps its source's class-branch width (Ultralytics 8.4)
     match_cls_branch_widths(model, ckpt["state_dict"])
     model.names = {int(k): v for k, v in ckpt["names"].items()}

@@ -9,10 +9,10 @@ from pathlib import Path
 from torch import nn
 
 from src.config import load_config
-from src.data.resolve import (ResolvedModel, load_fp32_model, load_fp32_source, resolve_data,
+from src.data.resolve import (ResolvedModel, load_fp32_model, load_fp32_source, require_detection, resolve_data,
                               resolve_model_path)
 from src.errors import ConfigError, QATError
-from src.integrations.ultralytics import select_end2end
+from src.integrations.ultralytics import model_task, select_end2end
 from src.models.yolov8_qat import FP32_METRICS_KEY, build_from_checkpoint, same_architecture, stored_fp32_metrics
 from src.stages.context import RunContext, RunRequest
 from src.stages.device import init_distributed, select_device
@@ -147,6 +147,7 @@ def _from_qat_checkpoint(resolved: ResolvedModel, cfg, request: RunRequest, data
     at hand, the source's recorded path and its stored mAP."""
     ckpt = load_checkpoint_file(resolved.path)
     model, stored = build_from_checkpoint(ckpt)
+    require_detection(model_task(model), f"QAT checkpoint {resolved.path}")
     # the checkpoint's quantization (placement, ranges) is kept; training settings come from this run
     cfg.quantization, cfg.layer_configs, cfg.mixed_precision = (stored.quantization, stored.layer_configs,
                                                                 stored.mixed_precision)
@@ -195,6 +196,7 @@ def resolve_resume(request: RunRequest, overrides: dict) -> tuple[RunContext, St
     if not st:
         raise QATError(f"--resume: {last} holds no training state")
     model, cfg = build_from_checkpoint(ckpt)
+    require_detection(model_task(model), f"--resume checkpoint {last}")
     for key in RESUME_OVERRIDES:
         if key in overrides:
             setattr(cfg.train_params, key.split(".")[1], overrides[key])
