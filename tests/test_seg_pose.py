@@ -152,11 +152,12 @@ def test_checkpoints_rebuild_the_task_model_bit_identically_and_train_qat_refuse
     from ultralytics.nn.tasks import PoseModel, SegmentationModel
 
     from src.cli import main
+    from src.config import load_config
     from src.models.yolov8_qat import build_from_checkpoint, qat_checkpoint
 
     model = seg if task == "segment" else pose
     path = tmp_path / "q.pt"
-    torch.save(qat_checkpoint(model, load_config_default()), path)
+    torch.save(qat_checkpoint(model, load_config("configs/qat_config.yaml")), path)
     rebuilt, _ = build_from_checkpoint(torch.load(path, weights_only=True))
     assert type(rebuilt) is (SegmentationModel if task == "segment" else PoseModel)
     x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(5))
@@ -171,10 +172,16 @@ def test_checkpoints_rebuild_the_task_model_bit_identically_and_train_qat_refuse
     assert f"QAT checkpoint {path} defines a '{task}' model; train_qat.py trains and evaluates detection" in said
 
 
-def load_config_default():
-    from src.config import load_config
+def test_an_end_to_end_segment_heads_unused_branch_includes_its_mask_convs():
+    from ultralytics.nn.modules import Segment
 
-    return load_config("configs/qat_config.yaml")
+    from src.integrations.ultralytics import inactive_head_branches
+
+    head = Segment(nc=3, nm=8, npr=16, end2end=True, ch=(16, 32, 64))
+    head.end2end = False  # Ultralytics' default at inference: one-to-many outputs, NMS outside
+    assert inactive_head_branches(head) == ("one2one_cv2", "one2one_cv3", "one2one_cv4")
+    head.end2end = True
+    assert inactive_head_branches(head) == ("cv2", "cv3", "cv4")
 
 
 def test_segment_swap_is_reversible():

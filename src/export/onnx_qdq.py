@@ -40,9 +40,9 @@ INT4_RANGE = (-8, 7)
 INT_WEIGHT_TYPES = {2: 8, 3: 8, 22: 4}  # TensorProto UINT8, INT8, INT4 -> bits per stored weight
 
 
-# Ops that only move, select or max-pool values: a dequantized tensor stays on its integer grid through them.
 # The weighted ops the placement quantizes (ConvTranspose: a segmentation head's mask-prototype upsampling).
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+# Ops that only move, select or max-pool values: a dequantized tensor stays on its integer grid through them.
 AGNOSTIC_OPS = frozenset({"Split", "Slice", "MaxPool", "Resize", "Reshape", "Transpose", "Identity", "Flatten",
                           "Squeeze", "Unsqueeze"})
 

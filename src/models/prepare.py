@@ -107,7 +107,7 @@ def swap_modules(model: nn.Module, cfg, fuse: bool, skip_head: bool,
         wcfg = copy.deepcopy(rl.weight)
         if "weight_bits" in override:
             wcfg.bit_width = int(override["weight_bits"])
-        if isinstance(q.conv, nn.ConvTranspose2d) and wcfg.scheme == "per_channel":
+        if q.transposed and wcfg.scheme == "per_channel":
             # OpenVINO's CPU plugin runs a deconvolution int8 with one weight scale only (measured: per-channel
             # weights kept it and 31 of yolov8n-seg's other 75 convs in bf16)
             wcfg.scheme = "per_tensor"
@@ -141,8 +141,8 @@ def _detect_module(model: nn.Module) -> nn.Module:
     if len(heads) != 1 or type(heads[0]) not in supported:
         found = ", ".join(type(h).__name__ for h in heads) or "none"
         raise UnsupportedModuleError(
-            f"expected exactly one Ultralytics Detect, Segment or Pose head, found: {found}. Supported heads: "
-            "Detect (YOLOv8, YOLO11, YOLO26), Segment and Pose (YOLOv8, YOLO11)."
+            f"expected exactly one Ultralytics Detect, Segment or Pose head, found: {found}. Supported: Detect "
+            "(YOLOv8, YOLO11, YOLO26), Segment and Pose (tested on YOLOv8); not Segment26, Pose26, OBB."
         )
     return heads[0]
 
@@ -235,8 +235,7 @@ def attach_quantizers(model: nn.Module, swapped: SwappedModules, trace: SiteTrac
     producers = trace.producers
     # OpenVINO's CPU plugin runs a deconvolution int8 only on an input without zero point (measured: with the
     # config's asymmetric grid yolov8n-seg's proto upsampling ran bf16, the other 75 convs stayed u8)
-    zero_point_free = {trace.consumer_roots[n] for n, q in swapped.qconvs.items()
-                       if isinstance(q.conv, nn.ConvTranspose2d)}
+    zero_point_free = {trace.consumer_roots[n] for n, q in swapped.qconvs.items() if q.transposed}
     for gi, (root, members) in enumerate(sorted(trace.groups.items())):
         key = f"a{gi}"
         key_of_root[root] = key
@@ -258,7 +257,7 @@ def attach_quantizers(model: nn.Module, swapped: SwappedModules, trace: SiteTrac
             continue
         key = f"a{len(group_info)}"
         group_info.append(_make_group(model, key, [f"{name}:input"], name, swapped, cfg, bit_overrides,
-                                      symmetric=isinstance(q.conv, nn.ConvTranspose2d)))
+                                      symmetric=q.transposed))
         q._set_site("input_site", Site(model.qat_quantizers[key], 0, key))
         group_info[-1].consumers.append(name)
         by_name[name].input_group = key
